@@ -1,0 +1,57 @@
+# Every target works on a fresh clone and is idempotent: the venv is (re)installed only
+# when pyproject.toml changes.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FLASK := $(VENV)/bin/flask --app wsgi
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: install run migrate test lint bench bench-quick clean
+
+install: $(STAMP)
+
+# llama.cpp is built portable: a native (-march=native) build crashes with a general
+# protection fault on these machines. torch==2.13.0 resolves to the CPU wheel on disk.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+migrate: $(STAMP)
+	mkdir -p instance
+	$(FLASK) db upgrade
+
+run: migrate
+	$(FLASK) models build-defaults --if-missing
+	$(FLASK) bootstrap
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# The benchmark peers (FastAPI twin, load generator, plots) are an extra; LiteLLM gets its
+# own venv from the harness.
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+# About 30 minutes: every system, every scenario, then the local-model and audit benchmarks.
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run --all
+	$(PY) -m bench.inference_bench
+	$(PY) -m bench.audit_bench
+
+# About 2 minutes: a smoke run of the harness (results in bench/results/quick/, not committed).
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench.run --quick
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) instance .pytest_cache

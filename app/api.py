@@ -1,0 +1,39 @@
+"""flask-smorest glue: our error shape in handlers and docs, and a JSON-only body parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flask
+from flask_smorest import Api, Blueprint
+from webargs import core
+from webargs.flaskparser import FlaskParser, abort
+from werkzeug.exceptions import HTTPException
+
+from app.errors import ErrorResponseSchema, handle_http_exception
+
+
+class StrictJsonParser(FlaskParser):
+    """webargs treats a non-JSON body as missing and answers 422; a client deserves 415."""
+
+    def _raw_load_json(self, req: flask.Request) -> Any:
+        if not core.is_json(req.mimetype):
+            if req.content_length or req.headers.get("Transfer-Encoding"):
+                abort(415, message=f"Content-Type must be application/json, got {req.mimetype or 'none'!r}")
+            return core.missing
+        return core.parse_json(req.get_data(cache=True))
+
+
+class GatewayBlueprint(Blueprint):
+    """Every blueprint of the gateway parses bodies strictly."""
+
+    ARGUMENTS_PARSER = StrictJsonParser()
+
+
+class GatewayApi(Api):
+    """Api whose HTTP errors, and their documentation, use the gateway's one error shape."""
+
+    ERROR_SCHEMA = ErrorResponseSchema
+
+    def handle_http_exception(self, error: HTTPException) -> flask.Response:  # type: ignore[override]
+        return handle_http_exception(error)

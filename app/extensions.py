@@ -1,0 +1,68 @@
+"""Unbound extension instances; `create_app` binds each with `init_app`.
+
+Nothing here touches the network at import time, so this module is safe to import before
+gevent has patched the process (it never is: gunicorn patches before loading the app).
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask, current_app
+from flask_jwt_extended import JWTManager
+from flask_limiter import Limiter
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from prometheus_flask_exporter import PrometheusMetrics
+from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
+from redis import Redis
+from sqlalchemy.orm import DeclarativeBase
+
+from app.api import GatewayApi
+
+
+class Base(DeclarativeBase):
+    """Declarative base shared by every model, so Alembic sees one metadata."""
+
+
+class RedisClient:
+    """One shared, pooled Redis client per app, or None when REDIS_URL is unset."""
+
+    def init_app(self, app: Flask) -> None:
+        url = app.config.get("REDIS_URL")
+        client = None
+        if url:
+            client = Redis.from_url(
+                url,
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
+                health_check_interval=30,
+                decode_responses=True,
+            )
+        app.extensions["redis_client"] = client
+
+    @property
+    def client(self) -> Redis | None:
+        return current_app.extensions.get("redis_client")
+
+
+def _metrics_class() -> type[PrometheusMetrics]:
+    # Under gunicorn every worker writes its samples to PROMETHEUS_MULTIPROC_DIR and /metrics
+    # aggregates them; a single process (python wsgi.py) keeps them in memory.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return GunicornInternalPrometheusMetrics
+    return PrometheusMetrics
+
+
+api = GatewayApi()
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+jwt = JWTManager()
+limiter = Limiter(key_func=lambda: "global", default_limits=[])
+metrics = _metrics_class().for_app_factory(
+    path="/metrics",
+    group_by="url_rule",
+    excluded_paths=["^/metrics$"],
+    default_latency_as_histogram=True,
+)
+redis_store = RedisClient()

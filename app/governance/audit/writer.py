@@ -1,0 +1,289 @@
+"""The per-worker audit writer: a bounded buffer, a background flusher, batches, the spool.
+
+Request path: `submit()` appends to an in-memory deque (no I/O) and `admit()` refuses new work
+with 503 once the deque holds AUDIT_BUFFER_MAX records, so records are never dropped silently.
+The flusher (a `threading.Thread`, which is a greenlet under gunicorn's gevent worker; psycopg
+>= 3.1.14 yields to the hub on I/O) writes up to AUDIT_BATCH_SIZE records per transaction every
+AUDIT_FLUSH_INTERVAL_MS, or sooner when a batch is full.
+
+Appending to a chain: the heads of the batch's chains are locked (PostgreSQL: SELECT ... FOR
+UPDATE in chain order, so two writers never deadlock; SQLite: a no-op UPDATE first takes the
+database's write lock), then the rows get seq = head + 1... and their hashes, and the heads
+move, all in one transaction. Any number of workers and instances can append concurrently.
+
+When a write fails the batch goes to the spool, and from then on every batch goes behind it
+(records stay in order) until a replay drains it; replays retry with a backoff capped at
+RETRY_MAX_S. Replay is idempotent: `record_id` is unique and checked under the head lock, so a
+batch whose commit succeeded but whose acknowledgement was lost is not written twice.
+A process killed with SIGKILL loses what was in memory, at most one flush interval of records;
+everything that reached the spool survives.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import Counter, Gauge
+from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from app.errors import APIError
+from app.governance.audit.models import AuditChainHead, AuditRecord
+from app.governance.audit.records import GENESIS_HASH, Pending, record_hash
+from app.governance.audit.spool import Spool, database_fingerprint
+
+log = structlog.get_logger(__name__)
+
+RETRY_MAX_S = 2.0
+
+BUFFER_DEPTH = Gauge(
+    "gateway_audit_buffer_depth",
+    "Audit records in memory waiting for the flusher, summed over live workers.",
+    multiprocess_mode="livesum",
+)
+WRITTEN = Counter("gateway_audit_written_total", "Audit records inserted into the database (replays too).")
+SPOOLED = Counter("gateway_audit_spooled_total", "Audit records written to the local spool.")
+REPLAYED = Counter("gateway_audit_replayed_total", "Spooled audit records inserted into the database.")
+
+_records = AuditRecord.__table__
+_heads = AuditChainHead.__table__
+
+
+class AuditWriter:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        spool_dir: Path,
+        buffer_max: int,
+        batch_size: int,
+        flush_interval_s: float,
+    ) -> None:
+        self.engine = engine
+        self.buffer_max = buffer_max
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.spool = Spool(spool_dir, database_fingerprint(engine.url))
+        self._buffer: deque[Pending] = deque()
+        self._wakeup = threading.Condition()
+        self._io = threading.Lock()
+        self._pid: int | None = None
+        self._closed = False
+        self._known_heads: set[str] = set()
+        self._spool_files: list[Path] = []
+        self._scan_spool = False
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
+
+    # request path ----------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Fail closed: refuse new audited work rather than drop its record later."""
+        if len(self._buffer) >= self.buffer_max:
+            log.error("audit_buffer_full", depth=len(self._buffer), limit=self.buffer_max)
+            raise APIError(
+                503,
+                "The audit trail cannot keep up; retry shortly.",
+                code="audit_unavailable",
+                headers={"Retry-After": "1"},
+            )
+
+    def submit(self, record: Pending) -> None:
+        """Called once the response is sent: hashing now costs the client nothing and keeps the
+        buffer small (hashes, not bodies)."""
+        record.row()
+        self._buffer.append(record)
+        BUFFER_DEPTH.inc()
+        self.start()
+        if len(self._buffer) >= self.batch_size:
+            with self._wakeup:
+                self._wakeup.notify()
+
+    # the flusher -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start this process's flusher once (again after a fork); cheap to call on every request."""
+        if self._pid == os.getpid() or self._closed:
+            return
+        self._pid = os.getpid()
+        self._spool_files = []
+        self._scan_spool = True
+        # The thread holds the writer weakly: an app that is discarded (tests) lets it stop.
+        thread = threading.Thread(
+            target=_flusher, args=(weakref.ref(self), self._wakeup), name="audit-flusher", daemon=True
+        )
+        thread.start()
+
+    def flush(self) -> None:
+        """One pass: replay the spool if there is one, else write the buffer in batches."""
+        with self._io:
+            if self._scan_spool:
+                # Worker start: what this pid left before (pids are reused), then dead workers' files.
+                self._scan_spool = False
+                self._spool_files = self.spool.owned() + self.spool.claim_orphans()
+            if self._spool_files:
+                self._spool_rows(self._take(len(self._buffer)))  # behind the backlog, in order
+                if time.monotonic() >= self._retry_at:
+                    self._replay()
+                return
+            while batch := self._take(self.batch_size):
+                try:
+                    self.write(batch, replay=False)
+                except Exception as exc:
+                    log.error("audit_write_failed", error=str(exc).splitlines()[0], records=len(batch))
+                    self._failed()
+                    self._spool_rows(batch + self._take(len(self._buffer)))
+                    return
+
+    def close(self) -> None:
+        """On shutdown: stop the flusher and leave nothing in memory (database, else spool)."""
+        self._closed = True
+        with self._wakeup:
+            self._wakeup.notify_all()
+        self._retry_at = 0.0
+        for _ in range(1000):
+            if not self._buffer:
+                break
+            self.flush()
+
+    def _take(self, count: int) -> list[Pending]:
+        taken: list[Pending] = []
+        while len(taken) < count:
+            try:
+                taken.append(self._buffer.popleft())
+            except IndexError:
+                break
+        if taken:
+            BUFFER_DEPTH.dec(len(taken))
+        return taken
+
+    def _spool_rows(self, records: list[Pending]) -> None:
+        if not records:
+            return
+        try:
+            self.spool.append([r.row() for r in records])
+        except OSError as exc:
+            # Nowhere safe to put them: keep them in memory, where admit() turns a full buffer into 503s.
+            log.error("audit_spool_failed", error=str(exc), records=len(records))
+            self._buffer.extendleft(reversed(records))
+            BUFFER_DEPTH.inc(len(records))
+            return
+        SPOOLED.inc(len(records))
+        log.warning("audit_spooled", records=len(records), file=self.spool.own_file.name)
+        if self.spool.own_file not in self._spool_files:
+            self._spool_files.append(self.spool.own_file)
+
+    def _replay(self) -> None:
+        try:
+            replayed = self.replay(self._spool_files)
+        except Exception as exc:
+            log.warning("audit_replay_failed", error=str(exc).splitlines()[0], retry_in_s=self._backoff_s)
+            self._failed()
+            return
+        self._spool_files = []
+        self._backoff_s = 0.0
+        log.info("audit_replayed", records=replayed)
+
+    def replay(self, files: Iterable[Path]) -> int:
+        """Write the files' rows in order, deleting each once all its rows are in the database."""
+        total = 0
+        for path in list(files):
+            if path.exists():
+                for rows in self.spool.batches(path, self.batch_size):
+                    written = self.write(rows, replay=True)
+                    REPLAYED.inc(written)
+                    total += written
+            self.spool.remove(path)
+        return total
+
+    def replay_orphans(self) -> int:
+        """`flask audit replay`: the spool files of dead processes, now."""
+        with self._io:
+            return self.replay(self.spool.claim_orphans())
+
+    def _failed(self) -> None:
+        self._backoff_s = min(RETRY_MAX_S, max(self.flush_interval_s, self._backoff_s * 2))
+        self._retry_at = time.monotonic() + self._backoff_s
+
+    # the database ----------------------------------------------------------------------------
+    def write(self, records: Sequence[Pending] | Sequence[dict[str, Any]], *, replay: bool) -> int:
+        """Append rows to their chains in one transaction; returns how many were inserted."""
+        rows = [r.row() if isinstance(r, Pending) else r for r in records]
+        if replay:
+            unique: dict[str, dict[str, Any]] = {}
+            for row in rows:
+                unique.setdefault(row["record_id"], row)
+            rows = list(unique.values())
+        if not rows:
+            return 0
+        chains = sorted({row["chain"] for row in rows})
+        self._ensure_heads(chains)
+        with self.engine.begin() as conn:
+            heads = self._lock_heads(conn, chains)
+            if replay:
+                ids = [row["record_id"] for row in rows]
+                done = set(conn.scalars(select(_records.c.record_id).where(_records.c.record_id.in_(ids))))
+                rows = [row for row in rows if row["record_id"] not in done]
+                if not rows:
+                    return 0
+            chained = []
+            for row in rows:
+                seq, prev = heads[row["chain"]]
+                linked = {**row, "seq": seq + 1, "prev_hash": prev}
+                linked["hash"] = record_hash(linked)
+                heads[row["chain"]] = (seq + 1, linked["hash"])
+                chained.append(linked)
+            conn.execute(insert(_records), chained)
+            conn.execute(
+                update(_heads)
+                .where(_heads.c.chain == bindparam("b_chain"))
+                .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")),
+                [{"b_chain": c, "b_seq": s, "b_hash": h} for c, (s, h) in heads.items()],
+            )
+        WRITTEN.inc(len(chained))
+        return len(chained)
+
+    def _ensure_heads(self, chains: list[str]) -> None:
+        """Create missing heads in a transaction of their own, so a batch never holds a new row's lock."""
+        missing = [c for c in chains if c not in self._known_heads]
+        if not missing:
+            return
+        dialect_insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        stmt = dialect_insert(_heads).on_conflict_do_nothing(index_elements=["chain"])
+        with self.engine.begin() as conn:
+            conn.execute(stmt, [{"chain": c, "seq": 0, "hash": GENESIS_HASH} for c in missing])
+        self._known_heads.update(missing)
+
+    def _lock_heads(self, conn: Any, chains: list[str]) -> dict[str, tuple[int, str]]:
+        if self.engine.dialect.name == "sqlite":
+            # pysqlite begins lazily; a write first takes SQLite's write lock for the whole transaction.
+            conn.execute(update(_heads).where(_heads.c.chain.in_(chains)).values(seq=_heads.c.seq))
+        stmt = select(_heads.c.chain, _heads.c.seq, _heads.c.hash).where(_heads.c.chain.in_(chains))
+        stmt = stmt.order_by(_heads.c.chain)
+        if self.engine.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        return {chain: (seq, digest) for chain, seq, digest in conn.execute(stmt)}
+
+
+def _flusher(ref: weakref.ref[AuditWriter], wakeup: threading.Condition) -> None:
+    while True:
+        writer = ref()
+        if writer is None or writer._closed or writer._pid != os.getpid():
+            return
+        try:
+            writer.flush()
+        except Exception:
+            log.exception("audit_flush_error")
+        interval = writer.flush_interval_s
+        behind = len(writer._buffer) >= writer.batch_size and not writer._spool_files
+        del writer
+        if not behind:
+            with wakeup:
+                wakeup.wait(interval)

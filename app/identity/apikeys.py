@@ -1,0 +1,152 @@
+"""API keys: `gw-<12 hex>_<43 url-safe chars>`.
+
+The part before `_` is the visible prefix, stored and unique, which finds the row without a scan;
+the secret after it (256 random bits) is stored only as an argon2 hash. The full key is returned
+once, at creation. Keys start with `gw-` so `authenticate()` tells them from JWTs (`eyJ...`) at a
+glance, and so secret scanners can recognise a leaked one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from flask import current_app
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.extensions import db
+from app.identity import scopes as sc
+from app.identity.accounts import lookup_session, validate_scopes
+from app.identity.cache import cache
+from app.identity.hashing import hash_secret, verify_secret
+from app.identity.models import ApiKey, Tenant, User, utcnow
+
+log = structlog.get_logger(__name__)
+
+KEY_PREFIX = "gw-"
+_KEY_FORMAT = re.compile(r"^(gw-[0-9a-f]{12})_([A-Za-z0-9_\-]{43})$")
+# last_used_at is written at most this often per key and process: a write per request would cost
+# more than the request, and "used in the last minute" is all an operator needs from it.
+LAST_USED_RESOLUTION_S = 60.0
+
+
+@dataclass(frozen=True)
+class VerifiedKey:
+    """What a valid key proves; `principal.py` turns it into a Principal."""
+
+    key_id: str
+    tenant_id: str
+    user_id: str | None
+    scopes: frozenset[str]
+    expires_at: datetime | None
+
+
+def looks_like_key(token: str) -> bool:
+    return token.startswith(KEY_PREFIX)
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(prefix, secret), or None when the string is not shaped like one of our keys."""
+    match = _KEY_FORMAT.match(key)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def generate_key() -> tuple[str, str, str]:
+    """(full key, prefix, secret)."""
+    prefix = KEY_PREFIX + secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return f"{prefix}_{secret}", prefix, secret
+
+
+def issue_key(
+    tenant: Tenant,
+    name: str,
+    scopes: Iterable[str],
+    *,
+    user: User | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key; the full key is in the return value and nowhere else, ever."""
+    scopes = list(scopes)
+    validate_scopes(scopes)
+    full, prefix, secret = generate_key()
+    key = ApiKey(
+        tenant_id=tenant.id,
+        user_id=user.id if user else None,
+        name=name,
+        prefix=prefix,
+        secret_hash=hash_secret(secret),
+        scopes=sc.join(scopes),
+        expires_at=expires_at,
+    )
+    db.session.add(key)
+    db.session.commit()
+    return key, full
+
+
+def revoke_key(key: ApiKey) -> ApiKey:
+    """Idempotent; the cache revision makes every worker forget the key on its next request."""
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        db.session.commit()
+    cache().invalidate()
+    return key
+
+
+def verify_key(presented: str) -> VerifiedKey | None:
+    """The key's principal if it is valid now: cached by SHA-256 of the key, else argon2 + database."""
+    digest = hashlib.sha256(presented.encode()).digest()
+    store = cache()
+    store.sync()
+    verified = store.get_or_load(("key", digest), lambda: _load(presented))
+    if verified is None or (verified.expires_at is not None and verified.expires_at <= utcnow()):
+        return None
+    _touch(verified.key_id)
+    return verified
+
+
+def find_key(client_id: str, presented: str) -> VerifiedKey | None:
+    """client_credentials: the key must also match the client_id (its visible prefix)."""
+    parts = split_key(presented)
+    if parts is None or parts[0] != client_id:
+        return None
+    return verify_key(presented)
+
+
+def _load(presented: str) -> VerifiedKey | None:
+    parts = split_key(presented)
+    if parts is None:
+        return None
+    prefix, secret = parts
+    with lookup_session() as session:
+        key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    if key is None or key.revoked_at is not None or not verify_secret(key.secret_hash, secret):
+        return None
+    return VerifiedKey(
+        key_id=key.id,
+        tenant_id=key.tenant_id,
+        user_id=key.user_id,
+        scopes=key.scope_set,
+        expires_at=key.expires_at,
+    )
+
+
+def _touch(key_id: str) -> None:
+    """Record last use, throttled, in its own short transaction so it never commits a caller's work."""
+    touched: dict[str, float] = current_app.extensions.setdefault("identity_key_touched", {})
+    now = time.monotonic()
+    if now - touched.get(key_id, float("-inf")) < LAST_USED_RESOLUTION_S:
+        return
+    touched[key_id] = now
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=utcnow()))
+    except SQLAlchemyError as exc:
+        log.warning("api_key_last_used_not_recorded", key_id=key_id, error=str(exc))

@@ -1,0 +1,32 @@
+"""The scopes a credential can carry. `admin` is the platform operator: every scope, every tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+INFERENCE_INVOKE = "inference:invoke"
+MODELS_READ = "models:read"
+GOVERNANCE_READ = "governance:read"
+GOVERNANCE_WRITE = "governance:write"
+ADMIN = "admin"
+
+SCOPES: tuple[str, ...] = (INFERENCE_INVOKE, MODELS_READ, GOVERNANCE_READ, GOVERNANCE_WRITE, ADMIN)
+DEFAULT_KEY_SCOPES: tuple[str, ...] = (INFERENCE_INVOKE, MODELS_READ)
+
+
+def unknown(scopes: Iterable[str]) -> list[str]:
+    return sorted(set(scopes) - set(SCOPES))
+
+
+def satisfies(granted: frozenset[str], required: Iterable[str]) -> bool:
+    return ADMIN in granted or set(required) <= granted
+
+
+def grantable(granter: frozenset[str], requested: Iterable[str]) -> bool:
+    """A non-admin may hand out only scopes it holds itself, so no one escalates by minting a key."""
+    return ADMIN in granter or set(requested) <= granter
+
+
+def join(scopes: Iterable[str]) -> str:
+    """Canonical stored/wire form: sorted, space-separated (RFC 6749 section 3.3)."""
+    return " ".join(sorted(set(scopes)))

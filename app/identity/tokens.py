@@ -1,0 +1,196 @@
+"""JWTs (flask-jwt-extended): issuing pairs, verifying, refreshing with rotation, revoking.
+
+The identity is the principal's subject string; tenant, scopes, kind and credential ids ride in
+additional claims, so a request authenticated by JWT needs no database read. An access token
+issued with a refresh token carries that refresh token's id and expiry (`rjti`, `rexp`), so one
+revoke call ends both. Revoked token ids go to a Redis blocklist with a TTL equal to the token's
+remaining life, checked by `token_in_blocklist_loader` on every worker. If Redis is unreachable
+the check fails closed (503): a revoked token must never be accepted again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from flask import Flask, current_app
+from flask_jwt_extended import (
+    create_access_token,
+    create_refresh_token,
+    decode_token,
+    get_jwt,
+    verify_jwt_in_request,
+)
+from flask_jwt_extended.exceptions import JWTExtendedException, NoAuthorizationError, RevokedTokenError
+from jwt.exceptions import ExpiredSignatureError, InvalidTokenError
+from redis import Redis
+from redis.exceptions import RedisError
+
+from app.errors import APIError
+from app.extensions import jwt
+from app.identity import scopes as sc
+from app.identity.accounts import lookup_session, tenant_settings
+from app.identity.models import ApiKey, User, utcnow
+
+log = structlog.get_logger(__name__)
+
+BLOCKLIST_PREFIX = "jwt:revoked:"
+REQUIRED_CLAIMS = ("sub", "tenant", "scopes", "kind", "jti", "exp")
+MISSING_MESSAGE = "Authentication required: send 'Authorization: Bearer <API key or access token>'."
+
+
+class Blocklist:
+    """Revoked token ids until they would have expired anyway; local dict without Redis."""
+
+    def __init__(self, redis: Redis | None) -> None:
+        self._redis = redis
+        self._local: dict[str, float] = {}
+
+    def add(self, jti: str, expires_at: float) -> None:
+        ttl = max(1, int(expires_at - time.time()) + 1)
+        if self._redis is None:
+            self._local[jti] = time.time() + ttl
+            return
+        try:
+            self._redis.set(BLOCKLIST_PREFIX + jti, "1", ex=ttl)
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+
+    def __contains__(self, jti: str) -> bool:
+        if self._redis is None:
+            expires = self._local.get(jti)
+            return expires is not None and expires > time.time()
+        try:
+            return bool(self._redis.exists(BLOCKLIST_PREFIX + jti))
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+
+
+def _unavailable(exc: RedisError) -> APIError:
+    log.error("jwt_blocklist_unavailable", error=str(exc))
+    return APIError(
+        503,
+        "Token revocation is unavailable right now; retry shortly, or use an API key.",
+        code="revocation_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+def blocklist() -> Blocklist:
+    return current_app.extensions["jwt_blocklist"]
+
+
+def _is_revoked(_header: dict, payload: dict) -> bool:
+    return payload.get("jti", "") in blocklist()
+
+
+def unauthorized(message: str, code: str, rfc_error: str = "invalid_token") -> APIError:
+    """RFC 6750 section 3: a bare challenge when no credential was sent, else its error value."""
+    challenge = "Bearer" if code == "missing_token" else f'Bearer error="{rfc_error}"'
+    return APIError(401, message, code=code, headers={"WWW-Authenticate": challenge})
+
+
+def verified_claims(*, refresh: bool | None = False) -> dict[str, Any]:
+    """Verify the request's bearer JWT (signature, expiry, type, blocklist) and return its claims.
+
+    `refresh=None` accepts either type. Every failure is an APIError 401 in our shape, so callers
+    outside a view (the inference service) get one exception type.
+    """
+    try:
+        verify_jwt_in_request(refresh=bool(refresh), verify_type=refresh is not None)
+    except NoAuthorizationError:
+        raise unauthorized(MISSING_MESSAGE, "missing_token") from None
+    except ExpiredSignatureError:
+        raise unauthorized("The token has expired.", "token_expired") from None
+    except RevokedTokenError:
+        raise unauthorized("The token has been revoked.", "token_revoked") from None
+    except (InvalidTokenError, JWTExtendedException) as exc:
+        raise unauthorized(f"Invalid token: {exc}", "invalid_token") from None
+    claims = get_jwt()
+    if any(name not in claims for name in REQUIRED_CLAIMS) or not isinstance(claims["scopes"], list):
+        raise unauthorized("Invalid token: it lacks the gateway's claims.", "invalid_token")
+    return claims
+
+
+def issue(
+    *,
+    subject: str,
+    tenant_id: str,
+    kind: str,
+    scopes: Iterable[str],
+    key_id: str | None = None,
+    user_id: str | None = None,
+    with_refresh: bool = True,
+) -> dict[str, Any]:
+    """An RFC 6749 section 5.1 token response."""
+    granted = sorted(set(scopes))
+    claims: dict[str, Any] = {
+        "tenant": tenant_id,
+        "scopes": granted,
+        "kind": kind,
+        "key_id": key_id,
+        "user_id": user_id,
+    }
+    body: dict[str, Any] = {"token_type": "Bearer", "scope": sc.join(granted)}
+    access_claims = dict(claims)
+    if with_refresh:
+        refresh_token = create_refresh_token(identity=subject, additional_claims=claims)
+        decoded = decode_token(refresh_token)
+        access_claims.update(rjti=decoded["jti"], rexp=decoded["exp"])
+        body["refresh_token"] = refresh_token
+    body["access_token"] = create_access_token(identity=subject, additional_claims=access_claims)
+    expires: timedelta = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
+    body["expires_in"] = int(expires.total_seconds())
+    return body
+
+
+def revoke(claims: dict[str, Any]) -> list[str]:
+    """Blocklist this token and, for an access token, the refresh token issued with it."""
+    revoked = [claims["type"]]
+    blocklist().add(claims["jti"], claims["exp"])
+    if claims.get("rjti"):
+        blocklist().add(claims["rjti"], claims.get("rexp") or claims["exp"])
+        revoked.append("refresh")
+    return revoked
+
+
+def refresh(claims: dict[str, Any]) -> dict[str, Any]:
+    """Rotate: the presented refresh token is revoked and a new pair issued, with scopes narrowed to
+    what the credential holds now (a scope removed since login is not refreshed back)."""
+    current = _current_scopes(claims["kind"], claims.get("user_id"), claims.get("key_id"))
+    settings = tenant_settings(claims["tenant"])
+    if current is None or settings is None or not settings.active:
+        raise unauthorized("The credential this token was issued to is no longer valid.", "invalid_token")
+    blocklist().add(claims["jti"], claims["exp"])
+    return issue(
+        subject=claims["sub"],
+        tenant_id=claims["tenant"],
+        kind=claims["kind"],
+        scopes=set(claims["scopes"]) & current,
+        key_id=claims.get("key_id"),
+        user_id=claims.get("user_id"),
+    )
+
+
+def _current_scopes(kind: str, user_id: str | None, key_id: str | None) -> frozenset[str] | None:
+    with lookup_session() as session:
+        user = session.get(User, user_id) if kind == "user" and user_id else None
+        key = session.get(ApiKey, key_id) if kind == "api_key" and key_id else None
+    if user is not None and user.active:
+        return user.scope_set
+    if key is not None and key.revoked_at is None and (key.expires_at is None or key.expires_at > utcnow()):
+        return key.scope_set
+    return None
+
+
+def init_app(app: Flask) -> None:
+    """flask-jwt-extended wants timedeltas; the settings are seconds so they read from the environment."""
+    app.config["JWT_ACCESS_TOKEN_EXPIRES"] = timedelta(seconds=int(app.config["JWT_ACCESS_TOKEN_EXPIRES_S"]))
+    app.config["JWT_REFRESH_TOKEN_EXPIRES"] = timedelta(
+        seconds=int(app.config["JWT_REFRESH_TOKEN_EXPIRES_S"])
+    )
+    app.extensions["jwt_blocklist"] = Blocklist(app.extensions.get("redis_client"))
+    jwt.token_in_blocklist_loader(_is_revoked)

@@ -1,0 +1,171 @@
+"""The one interface every model family implements (in the way of Seldon MLServer runtimes).
+
+Backends are plain blocking code. The runtime around them decides where they run: families
+marked `cpu_bound` are called in real OS threads so the gevent hub stays responsive; remote
+families do cooperative I/O on the hub. Concurrency limits, queues, batching, deadlines and
+metrics also live in the runtime, so a new family only implements what it can do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from app.errors import APIError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the model catalogue (config/models.yaml, later the registry)."""
+
+    name: str
+    version: str
+    backend: str
+    params: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+
+    def limit(self, key: str, default: Any) -> Any:
+        return self.limits.get(key, default)
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, str]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    user: str | None = None
+    stream: bool = False
+    request_id: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ChatChunk:
+    """A piece of a reply. The last chunk of a stream carries finish_reason and usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class EmbeddingResult:
+    vectors: np.ndarray  # (n, dims) float32
+    prompt_tokens: int
+    token_counts: list[int] | None = None  # per input, so a batch's usage splits exactly
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Open Inference Protocol tensor metadata; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+class Backend:
+    """Base class of a model family. Override only the capabilities the family has."""
+
+    family: ClassVar[str] = ""
+    capabilities: ClassVar[frozenset[str]] = frozenset()  # subset of {"chat", "embeddings", "infer"}
+    cpu_bound: ClassVar[bool] = True
+    thread_safe: ClassVar[bool] = True  # False: one call at a time per instance
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    def load(self) -> None:
+        """Blocking; called once, off the request path, before the model is marked ready."""
+
+    def close(self) -> None:
+        """Release native resources and connections."""
+
+    # chat -------------------------------------------------------------------------------
+    def context_length(self) -> int | None:
+        return None
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        """Token count of the rendered prompt, or None if the family can't tell cheaply."""
+        return None
+
+    def chat_stream(self, request: ChatRequest) -> Iterator[ChatChunk]:
+        raise _unsupported(self.spec.name, "chat")
+
+    def chat(self, request: ChatRequest) -> ChatResult:
+        """Default: drain the stream. Remote families override with one non-streamed call."""
+        parts: list[str] = []
+        last = ChatChunk()
+        for chunk in self.chat_stream(request):
+            parts.append(chunk.text)
+            last = chunk
+        return ChatResult(
+            text="".join(parts),
+            finish_reason=last.finish_reason or "stop",
+            prompt_tokens=last.prompt_tokens or 0,
+            completion_tokens=last.completion_tokens or 0,
+        )
+
+    # embeddings -------------------------------------------------------------------------
+    def embedding_dimensions(self) -> int | None:
+        return None
+
+    def embed(self, texts: list[str], dimensions: int | None = None) -> EmbeddingResult:
+        raise _unsupported(self.spec.name, "embeddings")
+
+    # Open Inference Protocol ------------------------------------------------------------
+    def inputs(self) -> list[TensorSpec]:
+        return []
+
+    def outputs(self) -> list[TensorSpec]:
+        return []
+
+    def infer(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
+        raise _unsupported(self.spec.name, "v2 inference")
+
+
+def text_input(inputs: dict[str, np.ndarray], name: str) -> list[str]:
+    """A v2 BYTES tensor as Python strings; JSON clients send str, binary clients send UTF-8 bytes."""
+    if name not in inputs:
+        raise APIError(400, f"Missing input '{name}'.", param=name)
+    values = np.asarray(inputs[name], dtype=object).reshape(-1)
+    try:
+        return [v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v) for v in values]
+    except UnicodeDecodeError:
+        raise APIError(400, f"Input '{name}' must be UTF-8 text.", param=name) from None
+
+
+def _unsupported(model: str, operation: str) -> APIError:
+    message = f"Model '{model}' does not support {operation}."
+    return APIError(400, message, code="unsupported_operation", param="model")
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: a module in this package that defines a family registers it here."""
+    if not cls.family:
+        raise TypeError(f"{cls.__name__} has no family name")
+    BACKENDS[cls.family] = cls
+    return cls

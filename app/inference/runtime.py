@@ -1,0 +1,217 @@
+"""One loaded model: its instances, admission control, offloading, batching and metrics.
+
+Admission is a semaphore of `max_concurrency` slots plus a bounded wait of `max_queue`
+callers; past that the caller gets 503 `model_overloaded` with `Retry-After` at once, which
+is what lets a load balancer or SDK retry elsewhere instead of piling up latency here.
+The primitives come from `threading`, so under gevent they are cooperative and in a plain
+process (tests, CLI) they are real thread primitives.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import structlog
+
+from app.errors import APIError
+from app.inference import metrics
+from app.inference.backends import Backend, ModelSpec, backend_class
+from app.inference.backends.base import ChatChunk, ChatRequest, ChatResult, EmbeddingResult
+from app.inference.batching import AdaptiveBatcher
+from app.inference.offload import iterate_in_thread, run_in_thread
+
+log = structlog.get_logger(__name__)
+
+
+class ModelRuntime:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        cls = backend_class(spec.backend)
+        self.cpu_bound = cls.cpu_bound
+        instances = int(spec.limit("instances", 1)) if not cls.thread_safe else 1
+        self.instances: list[Backend] = [cls(spec) for _ in range(instances)]
+        default_concurrency = instances if not cls.thread_safe else (1 if cls.cpu_bound else 256)
+        self.max_concurrency = int(spec.limit("max_concurrency", default_concurrency))
+        if not cls.thread_safe:
+            self.max_concurrency = min(self.max_concurrency, instances)
+        self.max_queue = int(spec.limit("max_queue", 16))
+        self.queue_timeout_s = float(spec.limit("queue_timeout_s", 30))
+        self.state = "loading"
+        self.reason = ""
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._free = list(self.instances)
+        self._labels = {"model": spec.name, "version": spec.version}
+        self.batcher: AdaptiveBatcher | None = None
+        if "embeddings" in cls.capabilities and int(spec.limit("max_batch_size", 1)) > 1:
+            self.batcher = AdaptiveBatcher(
+                self,
+                max_batch_size=int(spec.limit("max_batch_size", 1)),
+                max_wait_ms=float(spec.limit("max_batch_wait_ms", 5)),
+            )
+
+    # lifecycle ---------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def backend(self) -> Backend:
+        return self.instances[0]
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "loaded"
+
+    def load(self) -> None:
+        """Load every instance; a failure marks this model failed and leaves the others alone."""
+        started = time.perf_counter()
+        try:
+            for instance in self.instances:
+                if self.cpu_bound:
+                    run_in_thread(instance.load)
+                else:
+                    instance.load()
+        except Exception as exc:
+            self.state, self.reason = "failed", f"{type(exc).__name__}: {exc}"[:500]
+            log.error("model_load_failed", model=self.name, version=self.spec.version, reason=self.reason)
+            return
+        self.state, self.reason = "loaded", ""
+        log.info(
+            "model_loaded", model=self.name, version=self.spec.version, seconds=time.perf_counter() - started
+        )
+
+    def close(self) -> None:
+        for instance in self.instances:
+            instance.close()
+
+    # admission ---------------------------------------------------------------------------
+    def _overloaded(self) -> APIError:
+        metrics.ERRORS.labels(code="model_overloaded", **self._labels).inc()
+        return APIError(
+            503,
+            f"Model '{self.name}' is at capacity; retry shortly.",
+            code="model_overloaded",
+            headers={"Retry-After": "1"},
+        )
+
+    def check_ready(self) -> None:
+        """A model still loading or failed answers 503, before any input is looked at."""
+        if not self.ready:
+            detail = f": {self.reason}" if self.reason else ""
+            raise APIError(
+                503,
+                f"Model '{self.name}' is {self.state}{detail}.",
+                code="model_not_ready",
+                headers={"Retry-After": "5"},
+            )
+
+    @contextmanager
+    def slot(self) -> Iterator[Backend]:
+        """Hold one model slot (and, for single-threaded families, one instance)."""
+        self.check_ready()
+        started = time.perf_counter()
+        if not self._slots.acquire(blocking=False):
+            with self._lock:
+                if self._waiting >= self.max_queue:
+                    raise self._overloaded()
+                self._waiting += 1
+            metrics.QUEUED.labels(**self._labels).inc()
+            try:
+                acquired = self._slots.acquire(timeout=self.queue_timeout_s)
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+                metrics.QUEUED.labels(**self._labels).dec()
+            if not acquired:
+                raise self._overloaded()
+        metrics.QUEUE_WAIT.labels(**self._labels).observe(time.perf_counter() - started)
+        metrics.IN_USE.labels(**self._labels).inc()
+        with self._lock:
+            instance = self._free.pop() if len(self.instances) > 1 else self.instances[0]
+        try:
+            yield instance
+        finally:
+            with self._lock:
+                if len(self.instances) > 1:
+                    self._free.append(instance)
+            metrics.IN_USE.labels(**self._labels).dec()
+            self._slots.release()
+
+    def _call(self, operation: str, fn: Any, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            result = run_in_thread(fn, *args) if self.cpu_bound else fn(*args)
+        except APIError as exc:
+            metrics.ERRORS.labels(code=exc.code or "error", **self._labels).inc()
+            raise
+        metrics.INFERENCE.labels(operation=operation, **self._labels).observe(time.perf_counter() - started)
+        return result
+
+    # operations --------------------------------------------------------------------------
+    def chat(self, request: ChatRequest) -> ChatResult:
+        with self.slot() as instance:
+            result: ChatResult = self._call("chat", instance.chat, request)
+        self._count_tokens(result.prompt_tokens, result.completion_tokens)
+        return result
+
+    def chat_stream(self, request: ChatRequest) -> Iterator[ChatChunk]:
+        """Admit now (so overload is a clean 503 before any byte is sent), stream later.
+
+        The slot is held until the returned generator finishes or is closed, which is how a
+        client disconnect frees the model at the next token.
+        """
+        slot = self.slot()
+        instance = slot.__enter__()
+        try:
+            chunks = instance.chat_stream(request)
+        except BaseException:
+            slot.__exit__(None, None, None)
+            raise
+        return self._stream(slot, chunks)
+
+    def _stream(self, slot: Any, chunks: Iterator[ChatChunk]) -> Iterator[ChatChunk]:
+        started = time.perf_counter()
+        iterator = iterate_in_thread(chunks) if self.cpu_bound else chunks
+        try:
+            for chunk in iterator:
+                if chunk.finish_reason is not None:
+                    self._count_tokens(chunk.prompt_tokens or 0, chunk.completion_tokens or 0)
+                yield chunk
+        except APIError as exc:
+            metrics.ERRORS.labels(code=exc.code or "error", **self._labels).inc()
+            raise
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            metrics.INFERENCE.labels(operation="chat_stream", **self._labels).observe(
+                time.perf_counter() - started
+            )
+            slot.__exit__(None, None, None)
+
+    def embed(self, texts: list[str], dimensions: int | None) -> EmbeddingResult:
+        if self.batcher is not None:
+            result = self.batcher.submit(texts, dimensions)
+        else:
+            with self.slot() as instance:
+                metrics.BATCH_SIZE.labels(**self._labels).observe(len(texts))
+                result = self._call("embeddings", instance.embed, texts, dimensions)
+        self._count_tokens(result.prompt_tokens, 0)
+        return result
+
+    def infer(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
+        with self.slot() as instance:
+            return self._call("infer", instance.infer, inputs, parameters)
+
+    def _count_tokens(self, prompt: int, completion: int) -> None:
+        if prompt:
+            metrics.TOKENS.labels(kind="prompt", **self._labels).inc(prompt)
+        if completion:
+            metrics.TOKENS.labels(kind="completion", **self._labels).inc(completion)

@@ -1,0 +1,341 @@
+"""The request path of every inference route, in order, in one place.
+
+    authenticate -> rate limit          (require_scopes, on the view, before validation)
+    -> validate                         (flask-smorest schemas, on the view)
+    -> policy                           (model limits: max tokens, input size, context length)
+    -> quota reserve                    (atomic; settled to actual usage, released on failure)
+    -> route                            (model name or alias -> loaded runtime)
+    -> backend                          (local model in an OS thread, or upstream I/O on the hub)
+    -> respond                          (JSON, or an SSE stream)
+    -> settle                           (quota and metrics, however the call ended)
+
+The functions take the principal explicitly so fan-out can run them on other greenlets.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from flask import Response, current_app, g
+
+from app.governance import audit, drift
+from app.governance.policies import engine as policies
+from app.governance.policies.engine import Decision, PolicyViolation
+from app.identity import quota
+from app.identity.principal import Principal
+from app.inference.backends.base import ChatRequest, text_input
+from app.inference.catalogue import catalogue
+from app.inference.offload import run_in_thread
+from app.inference.runtime import ModelRuntime
+from app.inference.schemas import reject
+from app.inference.streaming import chat_event_stream
+from app.inference.tensors import decode_inputs, encode_outputs
+from app.observability import outgoing_headers, request_id
+
+
+def _require(runtime: ModelRuntime, capability: str) -> None:
+    runtime.check_ready()
+    if capability not in runtime.backend.capabilities:
+        raise reject(
+            "model", f"Model '{runtime.name}' does not support {capability}.", "unsupported_operation"
+        )
+
+
+# chat ----------------------------------------------------------------------------------------
+@contextmanager
+def _audited_policy() -> Iterator[None]:
+    """A refusal is a decision too: its record names the policy version and the detectors."""
+    try:
+        yield
+    except PolicyViolation as exc:
+        _note_decision(exc.decision)
+        raise
+
+
+def _note_decision(decision: Decision) -> None:
+    audit.note(
+        policy_version=decision.policy_version,
+        decision=decision.action,
+        detectors=list(decision.detectors),
+        raw_opt_in=decision.audit_raw_content,
+    )
+
+
+def _chat_request(
+    principal: Principal, runtime: ModelRuntime, body: dict[str, Any]
+) -> tuple[ChatRequest, int, Decision]:
+    """Policy (the tenant's, then the model's limits); returns the request, its prompt tokens
+    and the policy decision. The model only ever sees the messages the policy let through."""
+    if (body.get("n") or 1) != 1:
+        raise reject("n", "Only n=1 is supported.", "unsupported_value")
+    messages = [{"role": m["role"], "content": m["content"]} for m in body["messages"]]
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    with _audited_policy():
+        decision = policies.check_chat(principal, runtime.name, messages, asked)
+    _note_decision(decision)
+    messages = decision.messages or messages
+    audit.note(input=messages)
+    max_chars = runtime.spec.limit("max_input_chars", 100_000)
+    if sum(len(m["content"]) for m in messages) > max_chars:
+        raise reject(
+            "messages",
+            f"The messages exceed this model's limit of {max_chars} characters.",
+            "context_length_exceeded",
+        )
+    backend = runtime.backend
+    prompt_tokens = (run_in_thread if runtime.cpu_bound else lambda f, *a: f(*a))(
+        backend.count_prompt_tokens, messages
+    ) or 0
+    context = backend.context_length()
+    limit = int(runtime.spec.limit("max_tokens", 4096))
+    if decision.max_tokens:
+        limit = min(limit, decision.max_tokens)
+    if asked is not None and asked > limit:
+        raise reject("max_tokens", f"max_tokens is {asked}; this model allows at most {limit}.")
+    if context is not None:
+        if prompt_tokens >= context:
+            raise reject(
+                "messages",
+                f"This model's maximum context length is {context} tokens; the messages use {prompt_tokens}.",
+                "context_length_exceeded",
+            )
+        if asked is not None and prompt_tokens + asked > context:
+            raise reject(
+                "max_tokens",
+                f"This model's maximum context length is {context} tokens; the messages use {prompt_tokens} "
+                f"and max_tokens asks for {asked}.",
+                "context_length_exceeded",
+            )
+        limit = min(limit, context - prompt_tokens)
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+    if last_user is not None:
+        # One message, not the whole conversation: the reference sample is single requests.
+        drift.observe_texts(runtime.name, runtime.spec.version, [last_user], None)
+    request = ChatRequest(
+        messages=messages,
+        max_tokens=asked or limit,
+        temperature=body.get("temperature"),
+        top_p=body.get("top_p"),
+        stop=body.get("stop") or [],
+        seed=body.get("seed"),
+        user=body.get("user"),
+        stream=bool(body.get("stream")),
+        request_id=request_id(),
+        headers=outgoing_headers(),
+    )
+    return request, prompt_tokens, decision
+
+
+def _route(principal: Principal, body: dict[str, Any]) -> ModelRuntime:
+    """Canary assignment is sticky per tenant and end user (OpenAI's `user`, else the caller)."""
+    runtime = catalogue().route(
+        body["model"], f"{principal.tenant_id}:{body.get('user') or principal.subject}"
+    )
+    g.served_model = f"{runtime.name}/{runtime.spec.version}"
+    audit.note(model=runtime.name, model_version=runtime.spec.version)
+    return runtime
+
+
+def run_chat(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed chat completion, as a JSON-ready dict."""
+    runtime = _route(principal, body)
+    _require(runtime, "chat")
+    request, prompt_tokens, decision = _chat_request(principal, runtime, body)
+    reservation = quota.reserve(principal, prompt_tokens + (request.max_tokens or 0))
+    try:
+        result = runtime.chat(request)
+    except BaseException:
+        reservation.release()
+        raise
+    reservation.settle(result.prompt_tokens + result.completion_tokens)
+    text = policies.redact_text(decision, result.text)
+    audit.note(tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, output=text)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": runtime.name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+    }
+
+
+def chat_completion(principal: Principal, body: dict[str, Any]) -> dict[str, Any] | Response:
+    if not body.get("stream"):
+        return run_chat(principal, body)
+    runtime = _route(principal, body)
+    _require(runtime, "chat")
+    request, prompt_tokens, decision = _chat_request(principal, runtime, body)
+    reservation = quota.reserve(principal, prompt_tokens + (request.max_tokens or 0))
+    try:
+        chunks = runtime.chat_stream(request)  # admission: a full model answers 503 before any byte
+    except BaseException:
+        reservation.release()
+        raise
+
+    def settle(prompt: int, completion: int, output: str, completed: bool) -> None:
+        # Tokens generated before a disconnect were real work; the unused rest comes back.
+        if completion:
+            reservation.settle(prompt + completion)
+        else:
+            reservation.release()
+        audit.note(
+            tokens_in=prompt,
+            tokens_out=completion,
+            output=output,
+            details={"stream": True, "completed": completed},
+        )
+
+    return chat_event_stream(
+        chunks,
+        completion_id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=runtime.name,
+        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        prompt_tokens=prompt_tokens,
+        interruptible=not runtime.cpu_bound,
+        ping_interval=float(current_app.config["SSE_PING_INTERVAL_S"]),
+        redactor=policies.OutputRedactor(decision),
+        on_finish=settle,
+    )
+
+
+# embeddings ----------------------------------------------------------------------------------
+def run_embeddings(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    runtime = _route(principal, body)
+    _require(runtime, "embeddings")
+    texts: list[str] = body["input"]
+    max_inputs = int(runtime.spec.limit("max_inputs", 256))
+    if not texts:
+        raise reject("input", "input must not be empty.")
+    if len(texts) > max_inputs:
+        raise reject(
+            "input",
+            f"{len(texts)} inputs; this model takes at most {max_inputs} per request.",
+            "too_many_inputs",
+        )
+    max_chars = int(runtime.spec.limit("max_input_chars", 20_000))
+    for index, text in enumerate(texts):
+        if not text:
+            raise reject(f"input.{index}", "Inputs must be non-empty strings.")
+        if len(text) > max_chars:
+            raise reject(
+                f"input.{index}",
+                f"Input is {len(text)} characters; the limit is {max_chars}.",
+                "context_length_exceeded",
+            )
+    with _audited_policy():
+        decision = policies.check_texts(principal, runtime.name, texts)
+    _note_decision(decision)
+    texts = decision.texts or texts
+    audit.note(input=texts)
+    # Every token is at least one character, plus the model's special tokens.
+    reservation = quota.reserve(principal, sum(len(t) + 2 for t in texts))
+    try:
+        result = runtime.embed(texts, body.get("dimensions"))
+    except BaseException:
+        reservation.release()
+        raise
+    reservation.settle(result.prompt_tokens)
+    audit.note(tokens_in=result.prompt_tokens, tokens_out=0)
+    drift.observe_texts(runtime.name, runtime.spec.version, texts, result.vectors)
+    encode_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for index, vector in enumerate(np.asarray(result.vectors, dtype=np.float32)):
+        embedding: Any = (
+            base64.b64encode(vector.astype("<f4").tobytes()).decode() if encode_base64 else vector.tolist()
+        )
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    return {
+        "object": "list",
+        "data": data,
+        "model": runtime.name,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
+
+
+# Open Inference Protocol ---------------------------------------------------------------------
+def _apply_text_policy(
+    principal: Principal, runtime: ModelRuntime, arrays: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Text tensors pass the same policy as chat and embeddings inputs (PII redact or block)."""
+    for spec in runtime.backend.inputs():
+        if spec.datatype == "BYTES":
+            array = arrays[spec.name]
+            texts = text_input(arrays, spec.name)
+            with _audited_policy():
+                decision = policies.check_texts(principal, runtime.name, texts)
+            _note_decision(decision)
+            allowed = decision.texts
+            if allowed is not None:
+                redacted = np.empty(len(allowed), dtype=object)
+                redacted[:] = allowed
+                arrays[spec.name] = redacted.reshape(array.shape)
+    return arrays
+
+
+def _observe_drift(
+    runtime: ModelRuntime, arrays: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
+) -> None:
+    """Feed the drift window: tabular rows as they are, text inputs with any embeddings made."""
+    for spec in runtime.backend.inputs():
+        array = arrays[spec.name]
+        if spec.datatype == "BYTES":
+            drift.observe_texts(
+                runtime.name, runtime.spec.version, text_input(arrays, spec.name), outputs.get("embedding")
+            )
+        elif array.ndim == 2:
+            drift.observe_tabular(runtime.name, runtime.spec.version, array)
+
+
+def resolve_version(name: str, version: str | None) -> ModelRuntime:
+    if version is None:
+        return catalogue().get(name, param="model_name")
+    return catalogue().get_version(name, version)
+
+
+def run_infer(principal: Principal, name: str, version: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    parameters = body.get("parameters") or {}
+    sticky_key = f"{principal.tenant_id}:{parameters.get('user') or principal.subject}"
+    runtime = (
+        catalogue().route(name, sticky_key, "model_name")
+        if version is None
+        else catalogue().get_version(name, version)
+    )
+    g.served_model = f"{runtime.name}/{runtime.spec.version}"
+    audit.note(model=runtime.name, model_version=runtime.spec.version)
+    _require(runtime, "infer")
+    backend = runtime.backend
+    arrays = _apply_text_policy(principal, runtime, decode_inputs(body["inputs"], backend.inputs()))
+    outputs = runtime.infer(arrays, parameters)
+    _observe_drift(runtime, arrays, outputs)
+    wanted = [o["name"] for o in body.get("outputs") or []]
+    unknown = sorted(set(wanted) - set(outputs))
+    if unknown:
+        raise reject(
+            "outputs", f"Unknown output(s) {', '.join(unknown)}; this model has {', '.join(outputs)}."
+        )
+    response: dict[str, Any] = {
+        "model_name": runtime.name,
+        "model_version": runtime.spec.version,
+        "outputs": encode_outputs(outputs, backend.outputs(), wanted or list(outputs)),
+    }
+    response["id"] = body.get("id") or request_id() or uuid.uuid4().hex
+    audit.note(input=body["inputs"], output=response["outputs"])
+    return response

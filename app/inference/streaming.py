@@ -1,0 +1,175 @@
+"""Server-sent events for chat streams: OpenAI's chunk format, heartbeats and clean shutdown.
+
+A client that goes away is only visible when a write fails, so the writer sends `: ping`
+comments while it waits for the model; the failed write raises GeneratorExit here, and the
+`finally` blocks release the model slot and close the upstream connection.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+from flask import Response, stream_with_context
+
+from app.errors import APIError
+from app.governance.policies.engine import OutputRedactor
+from app.inference.backends.base import ChatChunk
+from app.inference.offload import gevent_active
+
+log = structlog.get_logger(__name__)
+PING = object()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+class Pump:
+    """Pulls chunks in the background so the writer can send pings while the model thinks.
+
+    The pump alone advances and closes the chunk iterator (a generator must never be closed
+    from one thread while it runs in another). Under gevent, remote streams are stopped by
+    killing the pump greenlet, which interrupts the blocked socket read at once; local
+    streams stop at the next token, a few milliseconds away.
+    """
+
+    def __init__(self, chunks: Iterator[ChatChunk], interruptible: bool) -> None:
+        self._chunks = chunks
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._greenlet = None
+        if interruptible and gevent_active():
+            import gevent
+
+            self._greenlet = gevent.spawn(self._run)
+            self._thread = None
+        else:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="sse-pump")
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in self._chunks:
+                self._queue.put(("chunk", chunk))
+                if self._stop.is_set():
+                    break
+            self._queue.put(("end", None))
+        except Exception as exc:
+            self._queue.put(("error", exc))
+        finally:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+
+    def items(self, ping_interval: float) -> Iterator[Any]:
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=ping_interval)
+            except queue.Empty:
+                yield PING
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._greenlet is not None:
+            self._greenlet.kill(block=True, timeout=5)
+        elif self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def chat_event_stream(
+    chunks: Iterator[ChatChunk],
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    prompt_tokens: int,
+    interruptible: bool,
+    ping_interval: float,
+    redactor: OutputRedactor,
+    on_finish: Callable[[int, int, str, bool], None],
+) -> Response:
+    """The SSE response. `on_finish(prompt_tokens, completion_tokens, output, completed)` runs
+    exactly once, however the stream ends.
+
+    Output passes through the tenant policy's redactor, which holds back only the few
+    characters that could still grow into a match.
+    """
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        if include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def events() -> Iterator[str]:
+        pump = Pump(chunks, interruptible)
+        used_prompt, used_completion, completed = prompt_tokens, 0, False
+        sent: list[str] = []
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            finish_reason = "stop"
+            for item in pump.items(ping_interval):
+                if item is PING:
+                    yield ": ping\n\n"
+                    continue
+                if item.text:
+                    used_completion += 1
+                    if text := redactor.feed(item.text):
+                        sent.append(text)
+                        yield chunk({"content": text})
+                if item.finish_reason is not None:
+                    finish_reason = item.finish_reason
+                    used_prompt = item.prompt_tokens or used_prompt
+                    used_completion = item.completion_tokens or used_completion
+            if tail := redactor.flush():
+                sent.append(tail)
+                yield chunk({"content": tail})
+            yield chunk({}, finish_reason)
+            if include_usage:
+                usage = {
+                    "prompt_tokens": used_prompt,
+                    "completion_tokens": used_completion,
+                    "total_tokens": used_prompt + used_completion,
+                }
+                yield sse(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+            yield sse("[DONE]")
+            completed = True
+        except APIError as exc:
+            log.warning("stream_failed", code=exc.code, error=exc.message)
+            yield sse(exc.payload())
+        except Exception:
+            log.exception("stream_failed")
+            yield sse(APIError(500, "The stream failed; quote the request_id to the operator.").payload())
+        finally:
+            pump.close()
+            on_finish(used_prompt, used_completion, "".join(sent), completed)
+
+    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,69 @@
+"""gunicorn settings, all from the environment.
+
+Only `os`, `shutil` and `sys` are imported at the top: this file runs in the master before
+any worker exists, and the gevent worker patches the stdlib only after fork, so anything
+imported here would stay unpatched in every worker. App and library imports stay inside hooks.
+"""
+
+import os
+import shutil
+import sys
+
+# gevent: one process per core is the usual ceiling for CPU work; I/O concurrency comes from
+# greenlets, not processes. 1 by default because the embedded defaults (no Redis) only hold
+# exactly in one process; production sets WEB_CONCURRENCY and REDIS_URL together.
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+worker_class = "gevent"
+# Greenlets per worker: long SSE streams each hold one, so this is also the stream ceiling.
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+bind = os.environ.get("BIND", "127.0.0.1:8000")
+# Under gevent `timeout` is only the heartbeat: a worker whose hub is blocked this long is
+# killed. Long streams are unaffected. 30 s leaves room for a slow model load at start-up.
+timeout = int(os.environ.get("TIMEOUT", "30"))
+# On restart, in-flight streams get this long to finish before they are cut.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
+# Behind a load balancer that keeps connections open: a little above its idle timeout.
+keepalive = int(os.environ.get("KEEPALIVE", "5"))
+# Recycle workers now and then to bound slow leaks in native libraries; 0 disables.
+max_requests = int(os.environ.get("MAX_REQUESTS", "0"))
+max_requests_jitter = int(os.environ.get("MAX_REQUESTS_JITTER", "0"))
+# Preloading would import the app (and ssl) before gevent patches the worker.
+preload_app = False
+wsgi_app = "wsgi:app"
+accesslog = None  # the app writes one JSON line per request itself
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+if os.path.isdir("/dev/shm"):
+    worker_tmp_dir = "/dev/shm"  # heartbeat file writes never hit a slow disk
+
+_metrics_dir = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance", "prometheus"),
+)
+
+
+def on_starting(server):
+    """Fail fast on bad settings, and start each run with empty metric files."""
+    from config import ConfigError, load_config
+
+    try:
+        load_config()
+    except ConfigError as exc:
+        sys.stderr.write(f"configuration error: {exc}\n")
+        sys.exit(2)
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir, exist_ok=True)
+
+
+def post_worker_init(worker):
+    """Start loading models as soon as the worker (patched, app imported) is up."""
+    models = getattr(worker.wsgi, "extensions", {}).get("models")
+    if models is not None:
+        models.start_loading()
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges must stop counting towards /metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,117 @@
+"""Bad input gets our one error shape, the right status, the request id, and no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Flask
+
+from app.api import GatewayBlueprint
+
+
+def assert_error(resp, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert set(body) == {"error", "request_id"}
+    assert {"message", "type", "param", "code"} <= set(body["error"])
+    assert body["request_id"] and resp.headers["X-Request-ID"] == body["request_id"]
+    if code is not None:
+        assert body["error"]["code"] == code
+    if param is not None:
+        assert body["error"]["param"] == param
+    assert "Traceback" not in resp.get_data(as_text=True)
+    return body
+
+
+@pytest.fixture
+def app(app: Flask) -> Flask:
+    """Adds a validated echo route and a crashing route to the real app."""
+    import marshmallow as ma
+
+    blp = GatewayBlueprint("testing_routes", __name__)
+
+    class Item(ma.Schema):
+        name = ma.fields.String(required=True, validate=ma.validate.Length(min=1))
+        count = ma.fields.Integer(required=True)
+
+    class Order(ma.Schema):
+        items = ma.fields.List(ma.fields.Nested(Item), required=True)
+
+    @blp.route("/_test/echo", methods=["POST"])
+    @blp.arguments(Order)
+    def echo(body):
+        return body
+
+    @blp.route("/_test/crash")
+    def crash():
+        raise RuntimeError("secret internal detail")
+
+    from app.extensions import api
+
+    api.register_blueprint(blp)
+    return app
+
+
+def test_malformed_json_is_400(client):
+    resp = client.post("/_test/echo", data="{not json", content_type="application/json")
+    assert_error(resp, 400, "invalid_json")
+
+
+def test_unknown_route_is_404(client):
+    assert_error(client.get("/no/such/route"), 404, "not_found")
+
+
+def test_wrong_method_is_405(client):
+    resp = client.delete("/healthz")
+    assert_error(resp, 405, "method_not_allowed")
+    assert "GET" in resp.headers["Allow"]
+
+
+def test_oversized_body_is_413(client, app):
+    big = b'{"items": "' + b"x" * (app.config["MAX_CONTENT_LENGTH"] + 10) + b'"}'
+    assert_error(
+        client.post("/_test/echo", data=big, content_type="application/json"), 413, "request_too_large"
+    )
+
+
+def test_wrong_content_type_is_415(client):
+    resp = client.post("/_test/echo", data="items=1", content_type="application/x-www-form-urlencoded")
+    assert_error(resp, 415, "unsupported_media_type")
+
+
+def test_schema_violation_is_422_naming_the_field(client):
+    resp = client.post("/_test/echo", json={"items": [{"name": "a", "count": 1}, {"name": "", "count": "x"}]})
+    body = assert_error(resp, 422, "validation_error")
+    params = {d["param"] for d in body["error"]["details"]}
+    assert params == {"items.1.name", "items.1.count"}
+    assert body["error"]["param"] in params
+    assert body["error"]["message"].startswith(body["error"]["param"])
+
+
+def test_missing_field_is_422(client):
+    assert_error(client.post("/_test/echo", json={}), 422, "validation_error", param="items")
+
+
+def test_internal_error_is_500_without_traceback(client):
+    resp = client.get("/_test/crash")
+    body = assert_error(resp, 500, "internal_error")
+    assert "secret internal detail" not in resp.get_data(as_text=True)
+    assert body["error"]["type"] == "server_error"
+
+
+def test_request_id_is_echoed_when_sane_and_replaced_when_not(client):
+    resp = client.get("/healthz", headers={"X-Request-ID": "abc-123.DEF:4"})
+    assert resp.headers["X-Request-ID"] == "abc-123.DEF:4"
+    resp = client.get("/nope", headers={"X-Request-ID": "bad id <script>"})
+    body = assert_error(resp, 404)
+    assert body["request_id"] != "bad id <script>" and len(body["request_id"]) == 32
+    resp = client.get("/healthz", headers={"X-Request-ID": "x" * 500})
+    assert len(resp.headers["X-Request-ID"]) == 32
+
+
+def test_spec_documents_error_shape_as_default_response(client):
+    spec = client.get("/openapi.json").get_json()
+    default = spec["paths"]["/readyz"]["get"]["responses"]["default"]
+    name = default["$ref"].rsplit("/", 1)[1]
+    schema_ref = spec["components"]["responses"][name]["content"]["application/json"]["schema"]["$ref"]
+    schema = spec["components"]["schemas"][schema_ref.rsplit("/", 1)[1]]
+    assert set(schema["required"]) == {"error", "request_id"}

@@ -1,0 +1,198 @@
+"""The model registry: seeding, canary split and stickiness, promote/rollback, propagation."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests import support
+
+CATALOGUE = """
+models:
+  - name: sentiment
+    backend: vader
+    aliases: [mood]
+"""
+TENSOR = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["What a lovely day!"]}
+
+
+@pytest.fixture
+def app_env(tmp_path) -> dict[str, str]:
+    path = tmp_path / "models.yaml"
+    path.write_text(CATALOGUE)
+    return {"MODELS_CONFIG": str(path), "MODELS_DIR": str(tmp_path), "REGISTRY_POLL": "0"}
+
+
+@pytest.fixture
+def keys(app, database_url) -> dict[str, dict[str, str]]:
+    admin = support.issue_key(database_url, "platform", ("admin",))
+    user = support.issue_key(
+        database_url,
+        "acme",
+        ("inference:invoke", "models:read", "governance:read"),
+        rate_limit="100000/minute",
+    )
+    return {"admin": {"Authorization": f"Bearer {admin}"}, "user": {"Authorization": f"Bearer {user}"}}
+
+
+def infer(client, headers, user: str | None = None, model: str = "sentiment"):
+    body = {"inputs": [TENSOR], **({"parameters": {"user": user}} if user else {})}
+    return client.post(f"/v2/models/{model}/infer", json=body, headers=headers)
+
+
+def add_canary(client, keys, weight: float = 10.0) -> None:
+    resp = client.post(
+        "/v1/governance/models/sentiment/versions",
+        headers=keys["admin"],
+        json={"version": "2", "backend": "vader"},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    assert resp.get_json()["status"] == "staged"
+    resp = client.put(
+        "/v1/governance/models/sentiment/traffic",
+        headers=keys["admin"],
+        json={"canary_version": "2", "canary_weight": weight},
+    )
+    assert resp.status_code == 200, resp.get_json()
+
+
+def test_yaml_seeds_the_registry(client, keys):
+    model = client.get("/v1/governance/models/mood", headers=keys["user"]).get_json()
+    assert model["name"] == "sentiment" and model["active_version"] == "1" and model["aliases"] == ["mood"]
+    assert [v["status"] for v in model["versions"]] == ["active"]
+    resp = infer(client, keys["user"])
+    assert resp.status_code == 200 and resp.headers["X-Model-Version"] == "sentiment/1"
+
+
+def test_canary_splits_by_weight_and_sticks_to_each_user(client, keys):
+    add_canary(client, keys, weight=10.0)
+    served = Counter()
+    for i in range(2000):
+        resp = infer(client, keys["user"], user=f"user-{i}")
+        assert resp.status_code == 200
+        served[resp.json["model_version"]] += 1
+        assert resp.headers["X-Model-Version"] == f"sentiment/{resp.json['model_version']}"
+    share = served["2"] / 2000
+    print(f"canary share at weight 10%: {share:.3f} of 2000 users")
+    assert 0.08 <= share <= 0.12, served
+    for user in ("user-1", "user-2", "user-3", "user-77"):
+        versions = {infer(client, keys["user"], user=user).json["model_version"] for _ in range(10)}
+        assert len(versions) == 1
+
+
+def test_promote_then_rollback(client, keys):
+    add_canary(client, keys, weight=50.0)
+    promoted = client.post("/v1/governance/models/sentiment/promote", headers=keys["admin"]).get_json()
+    assert (promoted["active_version"], promoted["previous_version"], promoted["canary_version"]) == (
+        "2",
+        "1",
+        None,
+    )
+    assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"2"}
+    rolled = client.post("/v1/governance/models/sentiment/rollback", headers=keys["admin"]).get_json()
+    assert (rolled["active_version"], rolled["previous_version"]) == ("1", "2")
+    assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"1"}
+    statuses = {v["version"]: v["status"] for v in rolled["versions"]}
+    assert statuses == {"1": "active", "2": "retired"}
+
+
+def test_disable_and_enable(client, keys):
+    client.post("/v1/governance/models/sentiment/disable", headers=keys["admin"])
+    resp = infer(client, keys["user"])
+    assert resp.status_code == 403 and resp.get_json()["error"]["code"] == "model_disabled"
+    assert "sentiment" not in {m["id"] for m in client.get("/v1/models", headers=keys["user"]).json["data"]}
+    client.post("/v1/governance/models/sentiment/enable", headers=keys["admin"])
+    assert infer(client, keys["user"]).status_code == 200
+
+
+def test_registry_changes_need_admin(client, keys):
+    for method, path, body in [
+        ("POST", "/v1/governance/models", {"name": "x"}),
+        ("POST", "/v1/governance/models/sentiment/versions", {"version": "9", "backend": "vader"}),
+        ("PUT", "/v1/governance/models/sentiment/traffic", {"canary_version": None, "canary_weight": 0}),
+        ("POST", "/v1/governance/models/sentiment/rollback", None),
+    ]:
+        resp = client.open(path, method=method, json=body, headers=keys["user"])
+        assert resp.status_code == 403 and resp.get_json()["error"]["code"] == "insufficient_scope"
+
+
+def test_registry_errors(client, keys):
+    admin = keys["admin"]
+    assert client.post("/v1/governance/models/sentiment/rollback", headers=admin).get_json()["error"][
+        "code"
+    ] == ("no_previous")
+    assert client.post("/v1/governance/models/sentiment/promote", headers=admin).status_code == 409
+    resp = client.put(
+        "/v1/governance/models/sentiment/traffic",
+        headers=admin,
+        json={"canary_version": "7", "canary_weight": 5},
+    )
+    assert resp.status_code == 404 and resp.get_json()["error"]["param"] == "version"
+    resp = client.post(
+        "/v1/governance/models/sentiment/versions", headers=admin, json={"version": "1", "backend": "vader"}
+    )
+    assert resp.status_code == 409
+    resp = client.post("/v1/governance/models", headers=admin, json={"name": "other", "aliases": ["mood"]})
+    assert resp.status_code == 409 and resp.get_json()["error"]["param"] == "aliases"
+    assert client.get("/v1/governance/models/nope", headers=admin).status_code == 404
+
+
+@pytest.mark.server
+def test_rollback_reaches_both_workers_within_two_seconds(sqlite_template, redis_url, tmp_path):
+    catalogue = tmp_path / "models.yaml"
+    catalogue.write_text(CATALOGUE)
+    db_url = support.copy_sqlite(sqlite_template, tmp_path / "gw.db")
+    admin = {"Authorization": f"Bearer {support.issue_key(db_url, 'platform', ('admin',))}"}
+    user = {"Authorization": f"Bearer {support.issue_key(db_url, 'acme')}"}
+    env = {
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url,
+        "MODELS_CONFIG": str(catalogue),
+        "MODELS_DIR": str(tmp_path),
+    }
+    with support.GunicornServer(env, workers=2, ready_path="/readyz") as server:
+
+        def versions(n: int = 60) -> tuple[set[str], set[int]]:
+            def one(i: int) -> str:
+                with requests.Session() as s:
+                    resp = s.post(
+                        server.url + "/v2/models/sentiment/infer",
+                        headers={**user, "Connection": "close"},
+                        json={"inputs": [TENSOR], "parameters": {"user": f"u{i}"}},
+                        timeout=10,
+                    )
+                    return resp.headers["X-Model-Version"]
+
+            with ThreadPoolExecutor(12) as pool:
+                return set(pool.map(one, range(n))), set()
+
+        base = server.url + "/v1/governance/models/sentiment"
+        assert (
+            requests.post(
+                base + "/versions", json={"version": "2", "backend": "vader"}, headers=admin, timeout=10
+            ).status_code
+            == 201
+        )
+        requests.put(
+            base + "/traffic", json={"canary_version": "2", "canary_weight": 100}, headers=admin, timeout=10
+        )
+        requests.post(base + "/promote", headers=admin, timeout=10)
+        time.sleep(2.0)
+        assert versions()[0] == {"sentiment/2"}
+        log_mark = len(server.log().splitlines())
+        rolled_at = time.monotonic()
+        assert requests.post(base + "/rollback", headers=admin, timeout=10).status_code == 200
+        time.sleep(max(0.0, rolled_at + 2.0 - time.monotonic()))
+        assert versions()[0] == {"sentiment/1"}, "a worker still served the rolled-back version after 2 s"
+        pids = {
+            entry["pid"]
+            for line in server.log().splitlines()[log_mark:]
+            if '"event": "request"' in line
+            and (entry := json.loads(line))["path"] == "/v2/models/sentiment/infer"
+        }
+        assert len(pids) == 2, "both workers must have served after the rollback"
