@@ -84,6 +84,9 @@ def app(database_url: str, app_env: dict[str, str], monkeypatch: pytest.MonkeyPa
     from app.governance import audit
 
     audit.shutdown(application)  # nothing left to spool into instance/ once the database is gone
+    drift = application.extensions.get("drift")
+    if drift is not None:
+        drift.stop()  # its refresh loop would go on writing into the next test's Redis
     with application.app_context():
         from app.extensions import db
 

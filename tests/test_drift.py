@@ -243,10 +243,13 @@ def test_periodic_refresh_updates_the_gauges(app, client, split):
     labels = {"model": SKLEARN, "version": "1", "feature": "mean area"}
     assert metric_value(client, "gateway_model_drift_psi", **labels) == pytest.approx(expected)
     drift.start(app)
-    deadline = time.monotonic() + 10
-    while metric_value(client, "gateway_model_drift_psi", **labels) == pytest.approx(expected):
-        assert time.monotonic() < deadline, "the periodic refresh never published"
-        time.sleep(0.1)
+    try:
+        deadline = time.monotonic() + 10
+        while metric_value(client, "gateway_model_drift_psi", **labels) == pytest.approx(expected):
+            assert time.monotonic() < deadline, "the periodic refresh never published"
+            time.sleep(0.1)
+    finally:
+        drift.stop()
 
 
 def test_chi2_matches_scipy():

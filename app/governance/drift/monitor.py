@@ -18,7 +18,6 @@ shows the latest computation of any worker; all of them read the same Redis wind
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -117,6 +116,7 @@ class DriftMonitor:
         self.references = references or References(settings.reference_texts, redis)
         self._start_lock = threading.Lock()
         self._started = False
+        self._stopped = threading.Event()
 
     # request path ------------------------------------------------------------------------
     def observe_rows(self, model: str, version: str, rows: np.ndarray) -> None:
@@ -266,9 +266,12 @@ class DriftMonitor:
         # A greenlet under gevent's patched threading; a daemon thread in a plain process.
         threading.Thread(target=self._run, args=(app,), name="drift-monitor", daemon=True).start()
 
+    def stop(self) -> None:
+        """End the periodic refresh (an app torn down in-process must not keep writing to Redis)."""
+        self._stopped.set()
+
     def _run(self, app: Flask) -> None:
-        while True:
-            time.sleep(self.settings.interval_s)
+        while not self._stopped.wait(self.settings.interval_s):
             with app.app_context():
                 self.refresh()
 
