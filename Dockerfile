@@ -11,9 +11,11 @@ COPY app ./app
 COPY config ./config
 # Portable llama.cpp: a -march=native build crashes (general protection fault) on other CPUs.
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"
+# "+cpu" pins the CPU build: a bare torch==2.13.0 would let pip take PyPI's multi-GB CUDA wheel.
+# The project's own torch==2.13.0 pin accepts it (PEP 440 ignores the local label).
 RUN pip install --upgrade pip setuptools wheel \
     && pip wheel --wheel-dir /wheels --extra-index-url https://download.pytorch.org/whl/cpu \
-       "torch==2.13.0" . \
+       "torch==2.13.0+cpu" . \
     && rm -rf /root/.cache/pip
 
 FROM python:3.11-slim AS runtime
@@ -37,7 +39,7 @@ ENV APP_ENV=production \
     MIGRATIONS_DIR=/srv/migrations \
     FLASK_APP=wsgi
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
 # Migrations and the default artifacts are idempotent; the entrypoint runs them, then gunicorn.
 CMD ["sh", "-c", "flask db upgrade && flask models build-defaults --if-missing && exec gunicorn -c gunicorn.conf.py"]

@@ -9,24 +9,41 @@ import os
 import shutil
 import sys
 
+
+def _count(name: str, default: int, minimum: int = 0) -> int:
+    """A whole-number setting, or one line naming the variable and exit: gunicorn would print a
+    traceback for a bad value read here. (config/ can't be used: it would import the app's stack.)"""
+    raw = os.environ.get(name) or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        sys.stderr.write(f"configuration error: {name}: must be a whole number >= {minimum}, got {raw!r}\n")
+        sys.exit(2)
+    return value
+
+
 # gevent: one process per core is the usual ceiling for CPU work; I/O concurrency comes from
 # greenlets, not processes. 1 by default because the embedded defaults (no Redis) only hold
 # exactly in one process; production sets WEB_CONCURRENCY and REDIS_URL together.
-workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+workers = _count("WEB_CONCURRENCY", 1, minimum=1)
 worker_class = "gevent"
 # Greenlets per worker: long SSE streams each hold one, so this is also the stream ceiling.
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+worker_connections = _count("WORKER_CONNECTIONS", 1000, minimum=1)
+# Loopback by default: the embedded defaults (bootstrap key, no TLS) are for one machine;
+# a deployment binds 0.0.0.0 behind its proxy on purpose.
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 # Under gevent `timeout` is only the heartbeat: a worker whose hub is blocked this long is
 # killed. Long streams are unaffected. 30 s leaves room for a slow model load at start-up.
-timeout = int(os.environ.get("TIMEOUT", "30"))
+timeout = _count("TIMEOUT", 30)
 # On restart, in-flight streams get this long to finish before they are cut.
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))
+graceful_timeout = _count("GRACEFUL_TIMEOUT", 30)
 # Behind a load balancer that keeps connections open: a little above its idle timeout.
-keepalive = int(os.environ.get("KEEPALIVE", "5"))
+keepalive = _count("KEEPALIVE", 5)
 # Recycle workers now and then to bound slow leaks in native libraries; 0 disables.
-max_requests = int(os.environ.get("MAX_REQUESTS", "0"))
-max_requests_jitter = int(os.environ.get("MAX_REQUESTS_JITTER", "0"))
+max_requests = _count("MAX_REQUESTS", 0)
+max_requests_jitter = _count("MAX_REQUESTS_JITTER", 0)
 # Preloading would import the app (and ssl) before gevent patches the worker.
 preload_app = False
 wsgi_app = "wsgi:app"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import structlog
 from flask import Flask, current_app
 from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
@@ -38,6 +39,12 @@ class RedisClient:
                 socket_connect_timeout=0.5,
                 health_check_interval=30,
                 decode_responses=True,
+            )
+        else:
+            structlog.get_logger(__name__).warning(
+                "redis_not_configured",
+                detail="REDIS_URL is unset: rate limits, quotas, revocations and drift windows are "
+                "per process, exact only with one worker",
             )
         app.extensions["redis_client"] = client
 

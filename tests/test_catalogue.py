@@ -6,11 +6,12 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from app.errors import APIError
 from app.inference.backends import Backend, ModelSpec, register_backend
-from app.inference.backends.base import ChatChunk, ChatRequest
+from app.inference.backends.base import ChatChunk, ChatRequest, EmbeddingResult
 from app.inference.catalogue import load_entries
 from app.inference.runtime import ModelRuntime
 from tests import support
@@ -143,3 +144,52 @@ def test_slot_is_released_when_a_stream_is_closed_early():
     stream.close()
     with runtime.slot():
         pass
+
+
+@register_backend
+class GatedEmbedder(Backend):
+    """Embeddings that wait for a gate, so a test can hold the one slot while requests pile up."""
+
+    family = "test_gated_embedder"
+    capabilities = frozenset({"embeddings"})
+    cpu_bound = False
+    thread_safe = True
+    gate = threading.Event()
+
+    def embed(self, texts: list[str], dimensions: int | None = None) -> EmbeddingResult:
+        self.gate.wait(10)
+        return EmbeddingResult(vectors=np.ones((len(texts), 2), dtype=np.float32), prompt_tokens=len(texts))
+
+
+def test_batched_embeddings_are_bounded_like_every_other_model():
+    """One batch forming plus `max_queue` may wait; past that, or past queue_timeout_s, it's 503."""
+    limits = {"max_concurrency": 1, "max_queue": 1, "max_batch_size": 2, "queue_timeout_s": 0.5}
+    runtime = ModelRuntime(ModelSpec(name="e", version="1", backend="test_gated_embedder", limits=limits))
+    runtime.load()
+    GatedEmbedder.gate.clear()
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(runtime.embed(["x"], None).prompt_tokens)
+        except APIError as exc:
+            results.append(exc.code)
+
+    running = threading.Thread(target=call)  # its batch holds the only slot until the gate opens
+    running.start()
+    time.sleep(0.1)
+    waiting = [threading.Thread(target=call) for _ in range(3)]  # max_queue + max_batch_size
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.1)
+    with pytest.raises(APIError) as info:
+        runtime.embed(["one too many"], None)
+    assert info.value.status == 503 and info.value.code == "model_overloaded"
+    assert info.value.headers["Retry-After"] == "1"
+    for thread in waiting:  # still queued after queue_timeout_s: refused, not left hanging
+        thread.join(5)
+    assert results == ["model_overloaded"] * 3
+    GatedEmbedder.gate.set()
+    running.join(5)
+    assert results[-1] == 1
+    assert runtime.embed(["served again"], None).prompt_tokens == 1

@@ -230,6 +230,30 @@ def test_route_end_to_end(app, client, database_url, split):
     assert denied.status_code == 403 and denied.get_json()["error"]["code"] == "insufficient_scope"
 
 
+def test_the_v2_route_observes_only_calls_that_succeeded(app, client, database_url, split):
+    """The real classifier through POST /v2/models/<name>/infer: the rows of a call that failed
+    after the model ran (an unknown output asked for) never reach the window."""
+    _, x_test = split
+    key = support.issue_key(database_url, scopes=("inference:invoke", "governance:read"))
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def infer(rows: np.ndarray, **extra: object):
+        data = rows.ravel().tolist()
+        tensor = {"name": "input__0", "shape": list(rows.shape), "datatype": "FP64", "data": data}
+        return client.post(f"/v2/models/{SKLEARN}/infer", headers=auth, json={"inputs": [tensor], **extra})
+
+    for start in range(0, 40, 8):
+        resp = infer(x_test[start : start + 8])
+        assert resp.status_code == 200, resp.get_json()
+    failed = infer(x_test[40:50], outputs=[{"name": "nope"}])
+    assert failed.status_code == 400 and failed.get_json()["error"]["param"] == "outputs"
+
+    resp = client.get(f"/v1/governance/models/{SKLEARN}/drift", headers=auth)
+    assert resp.status_code == 200, resp.get_json()
+    (version,) = resp.get_json()["versions"]
+    assert (version["version"], version["status"], version["sample_size"]) == ("1", "insufficient_data", 40)
+
+
 def test_periodic_refresh_updates_the_gauges(app, client, split):
     x_train, _ = split
     rows = x_train[np.random.default_rng(12345).integers(0, len(x_train), 300)]

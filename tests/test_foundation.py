@@ -14,8 +14,13 @@ from config import ConfigError, load_config
 from tests.support import ROOT
 
 
-def test_healthz_touches_nothing(client):
-    resp = client.get("/healthz")
+def test_healthz_touches_nothing(monkeypatch):
+    """Liveness with every dependency unreachable: only readiness may depend on them."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/nowhere")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    from app import create_app
+
+    resp = create_app().test_client().get("/healthz")
     assert resp.status_code == 200 and resp.get_json() == {"status": "ok"}
 
 
@@ -138,6 +143,32 @@ def test_bad_configuration_fails_fast_with_one_line():
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == ["configuration error: SECRET_KEY: required in production"]
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"TIMEOUT": "soon"}, "configuration error: TIMEOUT: must be a whole number >= 0, got 'soon'"),
+        (
+            {"WEB_CONCURRENCY": "0"},
+            "configuration error: WEB_CONCURRENCY: must be a whole number >= 1, got '0'",
+        ),
+        ({"APP_ENV": "production"}, "configuration error: SECRET_KEY: required in production"),
+    ],
+)
+def test_gunicorn_fails_fast_with_one_line(env, line, tmp_path):
+    """Bad gunicorn knobs (read by gunicorn.conf.py) and bad app settings (on_starting) alike."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py")],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == line
+    assert "Traceback" not in proc.stderr
 
 
 def test_flask_cli_fails_fast_with_one_line():

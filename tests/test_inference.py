@@ -4,6 +4,7 @@ upstream, and the official `openai` SDK as the client nobody here wrote."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -346,6 +347,69 @@ def test_upstream_timeout_is_504(gateway, simulator):
         time.sleep(1.1)  # let the breaker's cool-down pass for the tests after this one
 
 
+def _stream_upstream(gateway, **kwargs) -> requests.Response:
+    body = {"model": "upstream-chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    return post(gateway, CHAT, body, stream=True, **kwargs)
+
+
+def test_streamed_upstream_refusals_keep_their_status(gateway, simulator):
+    """Before the first token nothing is sent, so a refusal is a real 503, retried first; once the
+    breaker opens, streams fail fast with 503 too, and it closes after the cool-down."""
+    assert _stream_upstream(gateway).status_code == 200  # a success closes the breaker: count from 0
+    simulator.configure(fault="503", fault_rate=1.0, retry_after="")
+    try:
+        for calls in range(1, 4):  # breaker_fail_max: 3 failed calls of 3 attempts each
+            refused = _stream_upstream(gateway)
+            err = assert_error(refused, 503, "upstream_unavailable", None)
+            assert "simulated upstream error 503" in err["message"]
+            assert simulator.stats()["faults"]["503"] == 3 * calls  # the first try and both retries
+        tripped = _stream_upstream(gateway)
+        err = assert_error(tripped, 503, "upstream_unavailable", None)
+        assert "suspended" in err["message"] and tripped.headers["Retry-After"] == "1"
+        assert simulator.stats()["faults"]["503"] == 9  # the open circuit never reached it
+    finally:
+        simulator.reset()
+    time.sleep(1.1)  # the breaker's cool-down
+    healed = _stream_upstream(gateway)
+    assert healed.status_code == 200 and healed.content.decode().endswith("data: [DONE]\n\n")
+
+
+def test_pings_keep_a_slow_stream_alive(gateway, simulator):
+    simulator.configure(tokens=3, tokens_per_s=1.0)  # a second between tokens, pings every 0.5 s
+    try:
+        raw = _stream_upstream(gateway).content.decode()
+    finally:
+        simulator.reset()
+    events = [e for e in raw.split("\n\n") if e]
+    assert events.count(": ping") >= 2, events
+    assert events[-1] == "data: [DONE]"
+
+
+def test_client_leaving_a_remote_stream_closes_the_upstream_connection(gateway, simulator):
+    simulator.configure(tokens=30, tokens_per_s=5.0)
+    body = json.dumps(
+        {"model": "upstream-chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {gateway.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(request)
+            received = b""
+            while b'"content":"tok' not in received:  # a token has been relayed: the stream is live
+                received += sock.recv(4096)
+            assert received.startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 1.0
+        while simulator.stats()["disconnects"] < 1:
+            assert time.monotonic() < deadline, "the upstream stream outlived its client by 1 s"
+            time.sleep(0.05)
+        assert simulator.stats()["streams_completed"] == 0
+    finally:
+        simulator.reset()
+
+
 def test_request_id_reaches_the_upstream(gateway, simulator):
     resp = post(
         gateway,
@@ -484,9 +548,19 @@ def test_sse_wire_format(gateway):
     assert all(e.startswith(("data: ", ": ping")) for e in events)
     assert events[-1] == "data: [DONE]"
     payloads = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    assert {p["id"] for p in payloads} == {payloads[0]["id"]} and payloads[0]["id"].startswith("chatcmpl-")
+    assert {p["object"] for p in payloads} == {"chat.completion.chunk"}
+    assert len({p["created"] for p in payloads}) == 1
+    # Every chunk but the last carries "usage": null; a missing key is LiteLLM's bug, not ours.
+    assert all("usage" in p and p["usage"] is None for p in payloads[:-1])
     assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert payloads[-2]["choices"][0]["finish_reason"] == "stop"
-    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 16
+    content = [p["choices"][0]["delta"] for p in payloads[1:-2]]
+    assert content and all(set(d) == {"content"} and d["content"] for d in content)
+    assert all(p["choices"][0]["finish_reason"] is None for p in payloads[:-2])
+    assert payloads[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    usage = payloads[-1]["usage"]
+    assert payloads[-1]["choices"] == [] and usage["completion_tokens"] == 16
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
 # 7. Metrics and readiness ----------------------------------------------------------------------

@@ -12,8 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sklearn.datasets import load_breast_cancer
+from sqlalchemy import select
 
 from app.errors import APIError
+from app.extensions import db
+from app.governance.audit.models import AuditRecord
+from app.governance.audit.records import canonical_json, sha256_hex
 from app.governance.policies.detectors import DETECTORS, PLACEHOLDERS, find_pii
 from app.governance.policies.engine import (
     Decision,
@@ -26,6 +31,8 @@ from app.governance.policies.engine import (
 from app.identity.principal import Principal
 from app.inference.backends import Backend, register_backend
 from app.inference.backends.base import ChatChunk, ChatRequest
+from app.inference.backends.sklearn import SklearnBackend
+from tests import support
 from tests.test_identity import World, assert_error, bearer, seed
 
 TRUE_POSITIVES: dict[str, list[str]] = {
@@ -486,3 +493,123 @@ def test_output_is_redacted_streamed_and_not(client, world, calls):
     streamed = chat(client, world.a_inference_key, "hi", stream=True)
     assert streamed.status_code == 200 and _sse_text(streamed) == expected
     assert len(calls) == 2
+
+
+# --- end to end: v2 models (tabular and text) and what the audit trail keeps --------------------
+
+SKLEARN = "breast-cancer-classifier"
+V2_CATALOGUE = f"""
+models:
+  - name: recorder
+    backend: test_policy_recording
+  - name: sentiment
+    backend: vader
+  - name: {SKLEARN}
+    backend: sklearn
+    params:
+      artifact: breast-cancer/1/model.skops
+"""
+CARD = "4012 8888 8888 1881"
+MAIL = "bob@example.com"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models")
+    support.build_default_models(path)
+    return path
+
+
+def post(client, key: str, path: str, body: dict):
+    """buffered=True closes the response, as a WSGI server does, which submits its audit record."""
+    return client.post(path, headers=bearer(key), json=body, buffered=True)
+
+
+def audit_rows(app) -> dict[str, dict]:
+    app.extensions["audit"].flush()
+    table = AuditRecord.__table__
+    with app.app_context(), db.engine.connect() as conn:
+        return {row["request_id"]: dict(row) for row in conn.execute(select(table)).mappings()}
+
+
+def texts(*values: str) -> dict:
+    return {"inputs": [{"name": "text", "shape": [len(values)], "datatype": "BYTES", "data": list(values)}]}
+
+
+class TestV2AndTheAuditTrail:
+    @pytest.fixture
+    def app_env(self, tmp_path, models_dir) -> dict[str, str]:
+        path = tmp_path / "models.yaml"
+        path.write_text(V2_CATALOGUE)
+        return {"MODELS_CONFIG": str(path), "MODELS_DIR": str(models_dir)}
+
+    def test_a_tabular_model_is_held_to_the_allowed_models(self, app, client, world, monkeypatch):
+        """The classifier has no text to scan, yet its tenant's model list applies and is audited."""
+        classified: list[int] = []
+        original = SklearnBackend.infer
+
+        def counting(backend, inputs, parameters):
+            classified.append(len(inputs["input__0"]))
+            return original(backend, inputs, parameters)
+
+        monkeypatch.setattr(SklearnBackend, "infer", counting)
+        row = load_breast_cancer().data[0].tolist()
+        body = {"inputs": [{"name": "input__0", "shape": [1, 30], "datatype": "FP64", "data": row}]}
+        path = f"/v2/models/{SKLEARN}/infer"
+        set_policy(client, world.a_key, {"allowed_models": ["recorder"]})
+        refused = post(client, world.a_inference_key, path, body)
+        error = assert_error(refused, 403, "model_not_allowed")["error"]
+        assert error["param"] == "model" and SKLEARN in error["message"]
+        assert classified == []
+        set_policy(client, world.a_key, {"allowed_models": ["recorder", SKLEARN]})
+        allowed = post(client, world.a_inference_key, path, body)
+        assert allowed.status_code == 200, allowed.get_json()
+        assert classified == [1]
+
+        rows = audit_rows(app)
+        denied, served = rows[refused.headers["X-Request-ID"]], rows[allowed.headers["X-Request-ID"]]
+        assert (denied["status"], denied["decision"], denied["policy_version"]) == (403, "block", 1)
+        assert (served["status"], served["decision"], served["policy_version"]) == (200, "allow", 2)
+        assert served["input_sha256"] == sha256_hex(canonical_json(body["inputs"]))
+
+    def test_the_audit_trail_never_keeps_what_the_policy_removed(self, app, client, world, calls):
+        """With the tenant opted in to raw content, blocked and redacted calls (chat and v2) still
+        leave no trace of the matched text in any column; a blocked call stores no input at all."""
+        set_policy(
+            client,
+            world.a_key,
+            {"audit_raw_content": True, "pii": {"credit_card": "block", "email": "redact"}},
+        )
+        key = world.a_inference_key
+
+        def chat_body(content: str) -> dict:
+            return {"model": "recorder", "messages": [{"role": "user", "content": content}]}
+
+        chat_blocked = post(client, key, "/v1/chat/completions", chat_body(f"charge {CARD}, I am {MAIL}"))
+        chat_redacted = post(client, key, "/v1/chat/completions", chat_body(f"I am {MAIL}, hi"))
+        v2_blocked = post(client, key, "/v2/models/sentiment/infer", texts("fine", f"card {CARD}"))
+        v2_redacted = post(client, key, "/v2/models/sentiment/infer", texts("fine", f"mail {MAIL} now"))
+        for blocked in (chat_blocked, v2_blocked):
+            assert_error(blocked, 400, "policy_violation")
+        for redacted in (chat_redacted, v2_redacted):
+            assert redacted.status_code == 200, redacted.get_json()
+        assert calls == [[{"role": "user", "content": "I am [EMAIL], hi"}]]
+
+        rows = audit_rows(app)
+        expected = {
+            chat_blocked: ("block", ["credit_card", "email"], None),
+            v2_blocked: ("block", ["credit_card"], None),
+            chat_redacted: ("redact", ["email"], [{"role": "user", "content": "I am [EMAIL], hi"}]),
+            v2_redacted: ("redact", ["email"], texts("fine", "mail [EMAIL] now")["inputs"]),
+        }
+        for resp, (decision, detectors, seen) in expected.items():
+            row = rows[resp.headers["X-Request-ID"]]
+            assert (row["decision"], row["detectors"], row["policy_version"]) == (decision, detectors, 1)
+            if seen is None:
+                assert row["input_sha256"] is None and row["raw_input"] is None
+            else:
+                assert row["input_sha256"] == sha256_hex(canonical_json(seen))
+                assert json.loads(row["raw_input"]) == seen
+            stored = json.dumps(row, default=str)
+            for secret in (CARD, CARD.replace(" ", ""), MAIL):
+                assert secret not in stored

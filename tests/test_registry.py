@@ -9,7 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from sqlalchemy import select
 
+from app.extensions import db
+from app.governance.audit.models import AuditRecord
+from app.identity.models import ApiKey
 from tests import support
 
 CATALOGUE = """
@@ -40,9 +44,26 @@ def keys(app, database_url) -> dict[str, dict[str, str]]:
     return {"admin": {"Authorization": f"Bearer {admin}"}, "user": {"Authorization": f"Bearer {user}"}}
 
 
-def infer(client, headers, user: str | None = None, model: str = "sentiment"):
+def infer(client, headers, user: str | None = None, model: str = "sentiment", version: str | None = None):
+    """buffered=True closes the response, as a WSGI server does, which submits its audit record."""
     body = {"inputs": [TENSOR], **({"parameters": {"user": user}} if user else {})}
-    return client.post(f"/v2/models/{model}/infer", json=body, headers=headers)
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    return client.post(path, json=body, headers=headers, buffered=True)
+
+
+def audit_rows(app) -> dict[str, dict]:
+    """Every audit record so far, by request id."""
+    app.extensions["audit"].flush()
+    table = AuditRecord.__table__
+    with app.app_context(), db.engine.connect() as conn:
+        return {row["request_id"]: dict(row) for row in conn.execute(select(table)).mappings()}
+
+
+def admin(client, keys, method: str, path: str, json: dict | None = None):
+    path = f"/v1/governance/models/sentiment/{path}"
+    resp = client.open(path, method=method, json=json, headers=keys["admin"], buffered=True)
+    assert resp.status_code < 300, resp.get_json()
+    return resp
 
 
 def add_canary(client, keys, weight: float = 10.0) -> None:
@@ -69,36 +90,103 @@ def test_yaml_seeds_the_registry(client, keys):
     assert resp.status_code == 200 and resp.headers["X-Model-Version"] == "sentiment/1"
 
 
-def test_canary_splits_by_weight_and_sticks_to_each_user(client, keys):
+def test_canary_splits_by_weight_and_sticks_to_each_user(app, client, keys):
+    """The audit record of each call names the version that served it, canary or not."""
     add_canary(client, keys, weight=10.0)
     served = Counter()
+    by_request: dict[str, str] = {}
     for i in range(2000):
         resp = infer(client, keys["user"], user=f"user-{i}")
         assert resp.status_code == 200
         served[resp.json["model_version"]] += 1
         assert resp.headers["X-Model-Version"] == f"sentiment/{resp.json['model_version']}"
+        by_request[resp.headers["X-Request-ID"]] = resp.json["model_version"]
     share = served["2"] / 2000
     print(f"canary share at weight 10%: {share:.3f} of 2000 users")
     assert 0.08 <= share <= 0.12, served
     for user in ("user-1", "user-2", "user-3", "user-77"):
         versions = {infer(client, keys["user"], user=user).json["model_version"] for _ in range(10)}
         assert len(versions) == 1
+    rows = audit_rows(app)
+    recorded = {rid: (rows[rid]["model"], rows[rid]["model_version"]) for rid in by_request}
+    assert recorded == {rid: ("sentiment", version) for rid, version in by_request.items()}
 
 
-def test_promote_then_rollback(client, keys):
+def test_promote_then_rollback(app, client, keys):
+    """Every registry change is audited with the acting admin key; the retired version is no
+    longer served, not even when a caller names it."""
     add_canary(client, keys, weight=50.0)
-    promoted = client.post("/v1/governance/models/sentiment/promote", headers=keys["admin"]).get_json()
+    promote = admin(client, keys, "POST", "promote")
+    promoted = promote.get_json()
     assert (promoted["active_version"], promoted["previous_version"], promoted["canary_version"]) == (
         "2",
         "1",
         None,
     )
     assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"2"}
-    rolled = client.post("/v1/governance/models/sentiment/rollback", headers=keys["admin"]).get_json()
+    rollback = admin(client, keys, "POST", "rollback")
+    rolled = rollback.get_json()
     assert (rolled["active_version"], rolled["previous_version"]) == ("1", "2")
     assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"1"}
     statuses = {v["version"]: v["status"] for v in rolled["versions"]}
     assert statuses == {"1": "active", "2": "retired"}
+
+    assert infer(client, keys["user"], version="1").status_code == 200
+    retired = infer(client, keys["user"], version="2")
+    assert retired.status_code == 404 and retired.get_json()["error"]["code"] == "model_not_found"
+    assert retired.get_json()["error"]["param"] == "model_version"
+    metadata = client.get("/v2/models/sentiment/versions/2", headers=keys["user"])
+    assert metadata.status_code == 404
+
+    traffic = admin(client, keys, "PUT", "traffic", {"canary_version": None, "canary_weight": 0})
+    disable = admin(client, keys, "POST", "disable")
+    with app.app_context():
+        key_id = db.session.scalar(select(ApiKey.id).where(ApiKey.name == "platform-test"))
+    rows = audit_rows(app)
+    actions = {
+        name: rows[resp.headers["X-Request-ID"]]
+        for name, resp in (
+            ("promote_model_canary", promote),
+            ("rollback_model", rollback),
+            ("set_model_traffic", traffic),
+            ("disable_model", disable),
+        )
+    }
+    for action, row in actions.items():
+        assert (row["kind"], row["action"], row["status"]) == ("admin", action, 200)
+        assert row["principal"] == f"key:{key_id}"
+        assert row["details"]["target"] == {"name": "sentiment"}
+
+
+def test_rollback_stops_an_unpromoted_canary(client, keys):
+    add_canary(client, keys, weight=50.0)
+    assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(40)} == {"1", "2"}
+    rolled = admin(client, keys, "POST", "rollback").get_json()
+    assert (rolled["active_version"], rolled["previous_version"]) == ("1", None)
+    assert (rolled["canary_version"], rolled["canary_weight"]) == (None, 0)
+    assert {v["version"]: v["status"] for v in rolled["versions"]} == {"1": "active", "2": "retired"}
+    assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(40)} == {"1"}
+    assert infer(client, keys["user"], version="2").status_code == 404
+    again = client.post("/v1/governance/models/sentiment/rollback", headers=keys["admin"])
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "no_previous"
+
+
+def test_rollback_undoes_one_step_at_a_time(client, keys):
+    """With a promoted version and a new canary, the first rollback stops only the canary."""
+    add_canary(client, keys, weight=100.0)
+    admin(client, keys, "POST", "promote")
+    admin(client, keys, "POST", "versions", {"version": "3", "backend": "vader"})
+    admin(client, keys, "PUT", "traffic", {"canary_version": "3", "canary_weight": 50})
+    first = admin(client, keys, "POST", "rollback").get_json()
+    assert (first["active_version"], first["previous_version"], first["canary_version"]) == ("2", "1", None)
+    assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(40)} == {"2"}
+    second = admin(client, keys, "POST", "rollback").get_json()
+    assert (second["active_version"], second["previous_version"]) == ("1", "2")
+    assert {v["version"]: v["status"] for v in second["versions"]} == {
+        "1": "active",
+        "2": "retired",
+        "3": "retired",
+    }
 
 
 def test_disable_and_enable(client, keys):
@@ -115,7 +203,10 @@ def test_registry_changes_need_admin(client, keys):
         ("POST", "/v1/governance/models", {"name": "x"}),
         ("POST", "/v1/governance/models/sentiment/versions", {"version": "9", "backend": "vader"}),
         ("PUT", "/v1/governance/models/sentiment/traffic", {"canary_version": None, "canary_weight": 0}),
+        ("POST", "/v1/governance/models/sentiment/promote", None),
         ("POST", "/v1/governance/models/sentiment/rollback", None),
+        ("POST", "/v1/governance/models/sentiment/disable", None),
+        ("POST", "/v1/governance/models/sentiment/enable", None),
     ]:
         resp = client.open(path, method=method, json=body, headers=keys["user"])
         assert resp.status_code == 403 and resp.get_json()["error"]["code"] == "insufficient_scope"

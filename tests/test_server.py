@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -36,8 +40,23 @@ def _metric_total(text: str, route: str) -> float:
     return sum(float(v) for v in pattern.findall(text))
 
 
+def _seed_stale_samples(directory: Path) -> None:
+    """What a previous run leaves behind: 1,000 /healthz requests by a process long gone."""
+    directory.mkdir(parents=True, exist_ok=True)
+    code = (
+        "from prometheus_client import Histogram\n"
+        "h = Histogram('flask_http_request_duration_seconds', 'x', ['method', 'status', 'url_rule'])\n"
+        "for _ in range(1000): h.labels('GET', '200', '/healthz').observe(0.001)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    assert any(directory.glob("histogram_*.db"))
+
+
 def test_gunicorn_two_gevent_workers(sqlite_url, redis_url):
-    with GunicornServer({"DATABASE_URL": sqlite_url, "REDIS_URL": redis_url}, workers=2) as server:
+    server = GunicornServer({"DATABASE_URL": sqlite_url, "REDIS_URL": redis_url}, workers=2)
+    _seed_stale_samples(Path(server.env["PROMETHEUS_MULTIPROC_DIR"]))
+    with server:
         assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
         docs = requests.get(server.url + "/docs", timeout=10)
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
@@ -56,10 +75,18 @@ def test_gunicorn_two_gevent_workers(sqlite_url, redis_url):
         assert metrics.status_code == 200
         served = _served_by(server.log())
         assert len(served) == 2, f"expected both workers to serve, got {served}"
-        # /metrics aggregates every worker's samples: the readiness-probe polls plus our 400.
+        # /metrics aggregates every worker's samples: the readiness-probe polls plus our 400, and
+        # none of the stale run's 1,000 (the directory is wiped at start).
         total = _metric_total(metrics.text, "/healthz")
         assert total == sum(served.values()) and total >= 400
-        assert "gateway_http_requests_in_flight" in metrics.text
+        # Summed over live workers; the only request in flight is this scrape.
+        assert re.search(r"^gateway_http_requests_in_flight(\{\})? 1\.0$", metrics.text, re.M), metrics.text
         code = server.stop()
     assert code == 0
     assert "Traceback" not in server.log()
+    line = next(json.loads(x) for x in server.log().splitlines() if '"path": "/openapi.json"' in x)
+    assert {"request_id", "method", "route", "status", "duration_ms", "tenant", "pid", "timestamp"} <= set(
+        line
+    )
+    assert line["route"] == "/openapi.json" and line["status"] == 200 and line["method"] == "GET"
+    assert len(line["request_id"]) == 32 and line["duration_ms"] > 0

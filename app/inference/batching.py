@@ -52,13 +52,28 @@ class AdaptiveBatcher:
             self._workers.append(worker)
 
     def submit(self, texts: list[str], dimensions: int | None) -> EmbeddingResult:
+        """Queue the texts for the next batch; the model's admission limits hold here too.
+
+        Requests waiting for a batch are bounded by `max_queue` plus one batch's worth (the
+        batch being formed is the point of waiting), and none waits longer than
+        `queue_timeout_s`: both answer 503 `model_overloaded`, like every other model's slots.
+        """
         item = _Item(texts, dimensions)
         with self._cond:
+            if len(self._pending) >= self.runtime.max_queue + self.max_batch_size:
+                raise self.runtime._overloaded()
             if not self._workers:
                 self._start()
             self._pending.append((time.monotonic(), item))
             self._cond.notify()
-        item.done.wait()
+        if not item.done.wait(self.runtime.queue_timeout_s):
+            with self._cond:
+                waiting = any(queued is item for _, queued in self._pending)
+                if waiting:
+                    self._pending = deque(entry for entry in self._pending if entry[1] is not item)
+            if waiting:
+                raise self.runtime._overloaded()
+            item.done.wait()  # already in a running batch: its answer is moments away
         if item.error is not None:
             raise item.error
         assert item.result is not None

@@ -221,9 +221,13 @@ class ModelCatalogue:
         return runtime
 
     def get_version(self, name: str, version: str, param: str = "model_version") -> ModelRuntime:
+        """An explicitly named version: the active one or the canary. The previous version is
+        loaded only as the rollback target; it is retired, so asking for it (or for any version
+        not taking traffic) is 404 model_not_found, as KServe answers for a version it does not
+        serve, rather than 409: nothing the caller can change makes it servable."""
         traffic = self._traffic(name, "model_name")
         runtime = self.runtimes.get((traffic.model, version))
-        if runtime is None:
+        if runtime is None or version not in (traffic.active, traffic.canary):
             raise APIError(
                 404,
                 f"Model '{traffic.model}' serves no version '{version}'.",

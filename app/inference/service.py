@@ -50,7 +50,10 @@ def _require(runtime: ModelRuntime, capability: str) -> None:
 # chat ----------------------------------------------------------------------------------------
 @contextmanager
 def _audited_policy() -> Iterator[None]:
-    """A refusal is a decision too: its record names the policy version and the detectors."""
+    """A refusal is a decision too: its record names the policy version and the detectors.
+
+    No input is noted: a blocked request reached no model, and the audit record stores neither
+    the request's content nor its hash (see `Pending._inference`)."""
     try:
         yield
     except PolicyViolation as exc:
@@ -113,10 +116,6 @@ def _chat_request(
                 "context_length_exceeded",
             )
         limit = min(limit, context - prompt_tokens)
-    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
-    if last_user is not None:
-        # One message, not the whole conversation: the reference sample is single requests.
-        drift.observe_texts(runtime.name, runtime.spec.version, [last_user], None)
     request = ChatRequest(
         messages=messages,
         max_tokens=asked or limit,
@@ -130,6 +129,15 @@ def _chat_request(
         headers=outgoing_headers(),
     )
     return request, prompt_tokens, decision
+
+
+def _observe_prompt(runtime: ModelRuntime, messages: list[dict[str, str]]) -> None:
+    """Drift sees the last user message of a call the model answered; a failed call's input
+    says nothing about the traffic the model serves. One message, not the whole conversation:
+    the reference sample is single requests."""
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+    if last_user is not None:
+        drift.observe_texts(runtime.name, runtime.spec.version, [last_user], None)
 
 
 def _route(principal: Principal, body: dict[str, Any]) -> ModelRuntime:
@@ -154,6 +162,7 @@ def run_chat(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
         reservation.release()
         raise
     reservation.settle(result.prompt_tokens + result.completion_tokens)
+    _observe_prompt(runtime, request.messages)
     text = policies.redact_text(decision, result.text)
     audit.note(tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, output=text)
     return {
@@ -195,6 +204,8 @@ def chat_completion(principal: Principal, body: dict[str, Any]) -> dict[str, Any
             reservation.settle(prompt + completion)
         else:
             reservation.release()
+        if completed:
+            _observe_prompt(runtime, request.messages)
         audit.note(
             tokens_in=prompt,
             tokens_out=completion,
@@ -271,23 +282,36 @@ def run_embeddings(principal: Principal, body: dict[str, Any]) -> dict[str, Any]
 
 
 # Open Inference Protocol ---------------------------------------------------------------------
-def _apply_text_policy(
-    principal: Principal, runtime: ModelRuntime, arrays: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Text tensors pass the same policy as chat and embeddings inputs (PII redact or block)."""
-    for spec in runtime.backend.inputs():
-        if spec.datatype == "BYTES":
-            array = arrays[spec.name]
-            texts = text_input(arrays, spec.name)
-            with _audited_policy():
-                decision = policies.check_texts(principal, runtime.name, texts)
-            _note_decision(decision)
-            allowed = decision.texts
-            if allowed is not None:
-                redacted = np.empty(len(allowed), dtype=object)
-                redacted[:] = allowed
-                arrays[spec.name] = redacted.reshape(array.shape)
-    return arrays
+def _apply_policy(
+    principal: Principal, runtime: ModelRuntime, inputs: list[dict[str, Any]]
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """The tenant's policy on every v2 call, tabular models included; returns the arrays the
+    model sees and the same as request tensors, for the audit record.
+
+    Allowed models and the input size cap apply to every model; only text counts toward the cap
+    (a numeric tensor has no characters; the model's batch limit bounds it). All BYTES tensors
+    are checked as one input, so the cap covers the whole request and one decision names every
+    detector that fired; redacted texts replace the originals before the model sees them.
+    """
+    arrays = decode_inputs(inputs, runtime.backend.inputs())
+    names = [spec.name for spec in runtime.backend.inputs() if spec.datatype == "BYTES"]
+    texts = {name: text_input(arrays, name) for name in names}
+    with _audited_policy():
+        decision = policies.check_texts(principal, runtime.name, [t for name in names for t in texts[name]])
+    _note_decision(decision)
+    if decision.texts is None:
+        return arrays, inputs
+    position = 0
+    for name in names:
+        redacted = np.empty(len(texts[name]), dtype=object)
+        redacted[:] = decision.texts[position : position + len(texts[name])]
+        arrays[name] = redacted.reshape(arrays[name].shape)
+        position += len(texts[name])
+    seen = [
+        {**tensor, "data": text_input(arrays, tensor["name"])} if tensor["name"] in texts else tensor
+        for tensor in inputs
+    ]
+    return arrays, seen
 
 
 def _observe_drift(
@@ -311,6 +335,8 @@ def resolve_version(name: str, version: str | None) -> ModelRuntime:
 
 
 def run_infer(principal: Principal, name: str, version: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    """A v2 inference call. The audit record gets the tensors the model saw (redacted, never the
+    originals) as soon as the policy has passed, so a call that fails later records them too."""
     parameters = body.get("parameters") or {}
     sticky_key = f"{principal.tenant_id}:{parameters.get('user') or principal.subject}"
     runtime = (
@@ -322,9 +348,9 @@ def run_infer(principal: Principal, name: str, version: str | None, body: dict[s
     audit.note(model=runtime.name, model_version=runtime.spec.version)
     _require(runtime, "infer")
     backend = runtime.backend
-    arrays = _apply_text_policy(principal, runtime, decode_inputs(body["inputs"], backend.inputs()))
+    arrays, seen = _apply_policy(principal, runtime, body["inputs"])
+    audit.note(input=seen)
     outputs = runtime.infer(arrays, parameters)
-    _observe_drift(runtime, arrays, outputs)
     wanted = [o["name"] for o in body.get("outputs") or []]
     unknown = sorted(set(wanted) - set(outputs))
     if unknown:
@@ -337,5 +363,6 @@ def run_infer(principal: Principal, name: str, version: str | None, body: dict[s
         "outputs": encode_outputs(outputs, backend.outputs(), wanted or list(outputs)),
     }
     response["id"] = body.get("id") or request_id() or uuid.uuid4().hex
-    audit.note(input=body["inputs"], output=response["outputs"])
+    _observe_drift(runtime, arrays, outputs)
+    audit.note(output=response["outputs"])
     return response

@@ -154,10 +154,16 @@ class Pending:
         return {name: _clip(name, row.get(name)) for name in ROW_COLUMNS}
 
     def _inference(self) -> dict[str, Any]:
+        """The input hash and raw input are of what the model saw: the (redacted) input the
+        service noted, else the request body (a call refused before its policy step; raw content
+        needs the opt-in, which only a policy decision carries). A blocked call has neither: no
+        model saw anything, and its body holds the very value the policy refused; a hash would
+        not hide it either, since a card or social security number can be found by enumeration.
+        """
         noted = self.noted
         request_obj = _json_value(self.request_body)
         response_obj = _json_value(self.response_body)
-        content_in = noted.get("input", request_obj)
+        content_in = None if noted.get("decision") == "block" else noted.get("input", request_obj)
         content_out = noted.get("output", response_obj)
         served_name, _, served_version = (self.served_model or "").partition("/")
         body_model = request_obj.get("model") if isinstance(request_obj, dict) else None

@@ -144,7 +144,8 @@ def promote_model_canary(name: str) -> dict[str, Any]:
 @require_scopes(sc.ADMIN)
 @blp.response(200, RegisteredModelSchema)
 def rollback_model(name: str) -> dict[str, Any]:
-    """Return to the previous active version and stop any canary"""
+    """Undo the latest step toward a new version: stop the canary if there is one, else return
+    to the previous active version"""
     return _dump(registry.rollback(name))
 
 

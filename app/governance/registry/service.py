@@ -250,18 +250,31 @@ def promote(name: str) -> RegisteredModel:
 
 
 def rollback(name: str) -> RegisteredModel:
-    """Back to the previous active version, and stop any canary: a rollback means 'stop the new'."""
+    """Undo the latest traffic change toward a newer version, one step per call.
+
+    - A canary takes traffic: stop it and retire it; the active version keeps all traffic. The
+      canary is always the latest such change, since promote clears it.
+    - Else, after a promote: the previous version is active again and the current one is retired.
+      It stays the previous version, so a second rollback undoes a mistaken first one.
+    - Else there is nothing to undo: 409 no_previous.
+    """
     model = get_model(name)
-    if model.previous_version_id is None:
-        raise APIError(
-            409, f"Model '{model.name}' has no previous version to roll back to.", code="no_previous"
-        )
     by_id = {v.id: v for v in model.versions}
-    by_id[model.previous_version_id].status = "active"
-    if model.active_version_id:
-        by_id[model.active_version_id].status = "retired"
-    model.active_version_id, model.previous_version_id = model.previous_version_id, model.active_version_id
-    model.canary_version_id, model.canary_weight = None, 0.0
+    if model.canary_version_id is not None:
+        by_id[model.canary_version_id].status = "retired"
+        model.canary_version_id, model.canary_weight = None, 0.0
+    elif model.previous_version_id is not None:
+        by_id[model.previous_version_id].status = "active"
+        if model.active_version_id:
+            by_id[model.active_version_id].status = "retired"
+        previous, model.previous_version_id = model.previous_version_id, model.active_version_id
+        model.active_version_id = previous
+    else:
+        raise APIError(
+            409,
+            f"Model '{model.name}' has no canary to stop and no previous version to roll back to.",
+            code="no_previous",
+        )
     _bump()
     db.session.commit()
     return model

@@ -344,12 +344,21 @@ class OpenAICompatibleBackend(Backend):
         return self._guarded(call)
 
     def chat_stream(self, request: ChatRequest) -> Iterator[ChatChunk]:
+        """Open the stream now, up to its first token, and relay the rest lazily.
+
+        Opening before our response starts is what lets an upstream refusal, a timeout or an
+        open circuit answer with its real status (502/503/504, Retry-After) instead of a 200
+        followed by an error event, and it is the window in which retries are still safe.
+        """
         body = self._chat_body(request, stream=True)
         headers = self._headers(request.headers, request.request_id, "text/event-stream")
         deadline = _Deadline(self._deadline_s)
         stream, text = self._guarded(
             lambda: self._with_retries(deadline, lambda: self._open_stream(body, headers, deadline))
         )
+        return self._relay(stream, text)
+
+    def _relay(self, stream: _SSEStream, text: str) -> Iterator[ChatChunk]:
         name = self.spec.name
         try:
             while text:
