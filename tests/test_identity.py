@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,7 +19,7 @@ from app.extensions import db
 from app.identity import accounts, apikeys
 from app.identity import scopes as sc
 from app.identity.cache import cache
-from app.identity.models import ApiKey, utcnow
+from app.identity.models import ApiKey, Tenant, utcnow
 
 PASSWORD = "correct horse battery staple"
 GOV_RW = [sc.GOVERNANCE_READ, sc.GOVERNANCE_WRITE, sc.INFERENCE_INVOKE, sc.MODELS_READ]
@@ -322,6 +324,53 @@ def test_revoking_an_access_token_also_revokes_its_refresh_token(client, world):
     )
 
 
+class TestWithAndWithoutRedis:
+    """The blocklist in Redis (every worker) and in the process (no REDIS_URL) behave the same."""
+
+    @pytest.fixture(params=["local", "redis"])
+    def app_env(self, request: pytest.FixtureRequest) -> dict[str, str]:
+        return {} if request.param == "local" else {"REDIS_URL": request.getfixturevalue("redis_url")}
+
+    def test_revoking_a_refresh_token_also_revokes_its_access_token(self, client, world):
+        tokens = password_tokens(client)
+        other = password_tokens(client)
+        assert client.get("/v1/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
+        resp = client.post("/v1/auth/revoke", headers=bearer(tokens["refresh_token"]))
+        assert resp.status_code == 200 and resp.get_json() == {"revoked": ["refresh", "access"]}
+        assert_error(client.get("/v1/auth/me", headers=bearer(tokens["access_token"])), 401, "token_revoked")
+        assert_error(
+            client.post("/v1/auth/refresh", headers=bearer(tokens["refresh_token"])), 401, "token_revoked"
+        )
+        # Another login's pair is untouched.
+        assert client.get("/v1/auth/me", headers=bearer(other["access_token"])).status_code == 200
+
+    def test_rotation_leaves_the_old_access_token_to_expire(self, client, world):
+        """Rotation uses the refresh token up; only revocation ends the access token issued with it."""
+        tokens = password_tokens(client)
+        assert client.post("/v1/auth/refresh", headers=bearer(tokens["refresh_token"])).status_code == 200
+        assert client.get("/v1/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
+
+    def test_concurrent_refreshes_of_one_token_yield_exactly_one_pair(self, app, world):
+        refresh_token = password_tokens(app.test_client())["refresh_token"]
+        racers = 8
+        start = threading.Barrier(racers)
+
+        def refresh(_: int):
+            client = app.test_client()
+            start.wait()
+            return client.post("/v1/auth/refresh", headers=bearer(refresh_token))
+
+        with ThreadPoolExecutor(racers) as pool:
+            responses = list(pool.map(refresh, range(racers)))
+        winners = [r for r in responses if r.status_code == 200]
+        assert len(winners) == 1, [r.get_json() for r in responses]
+        for resp in responses:
+            if resp.status_code != 200:
+                assert_error(resp, 401, "token_revoked")
+        fresh = winners[0].get_json()
+        assert app.test_client().get("/v1/auth/me", headers=bearer(fresh["access_token"])).status_code == 200
+
+
 def test_revoking_a_key_ends_its_jwts_too(client, world):
     form = {"grant_type": "client_credentials", "client_id": world.a_prefix, "client_secret": world.a_key}
     access = client.post("/v1/auth/token", data=form).get_json()["access_token"]
@@ -534,9 +583,54 @@ def test_admin_crosses_tenants(client, world):
     created = client.post(
         "/v1/governance/users",
         headers=admin,
-        json={"tenant_id": world.b_tenant, "username": "gus", "password": PASSWORD, "scopes": [sc.ADMIN]},
+        json={"tenant_id": world.b_tenant, "username": "gus", "password": PASSWORD, "scopes": GOV_RW},
     )
     assert created.status_code == 201 and created.get_json()["tenant_id"] == world.b_tenant
+
+
+def test_admin_is_granted_only_in_the_platform_tenant(client, runner, world):
+    """`admin` crosses tenants, so not even the platform admin may hand it to another tenant."""
+    admin = bearer(world.admin_key)
+    for path, body in (
+        ("/v1/governance/users", {"username": "gus", "password": PASSWORD, "scopes": [sc.ADMIN]}),
+        ("/v1/governance/keys", {"name": "second-operator", "scopes": [sc.ADMIN, sc.MODELS_READ]}),
+    ):
+        resp = client.post(path, headers=admin, json={**body, "tenant_id": world.b_tenant})
+        error = assert_error(resp, 400, "admin_outside_platform")["error"]
+        assert error["param"] == "scopes" and "'platform'" in error["message"]
+        assert client.post(path, headers=admin, json=body).status_code == 201  # in the platform tenant
+    result = runner.invoke(args=["keys", "issue", "globex", "--name", "ops", "--scopes", "admin"])
+    assert result.exit_code != 0 and "platform" in result.output and "Traceback" not in result.output
+    result = runner.invoke(
+        args=["users", "create", "globex", "gus2", "--scopes", "admin", "--password", PASSWORD]
+    )
+    assert result.exit_code != 0 and "platform" in result.output
+
+
+def test_admin_held_outside_the_platform_tenant_grants_nothing(app, client, world):
+    """A key of another tenant that holds `admin` (written before grants were checked) is an
+    ordinary key of its tenant: no wildcard scope, no other tenant, no platform-wide change."""
+    with app.app_context():
+        globex = db.session.get(Tenant, world.b_tenant)
+        _, legacy = apikeys.issue_key(globex, "legacy", [sc.MODELS_READ])
+        db.session.execute(
+            update(ApiKey).where(ApiKey.prefix == legacy[:15]).values(scopes=f"{sc.ADMIN} {sc.MODELS_READ}")
+        )
+        db.session.commit()
+        cache().invalidate()
+    me = client.get("/v1/auth/me", headers=bearer(legacy)).get_json()
+    assert me["is_admin"] is False and me["scopes"] == [sc.MODELS_READ]
+    assert_error(
+        client.get(f"/v1/governance/users/{world.a_user}", headers=bearer(legacy)), 403, "insufficient_scope"
+    )
+    assert_error(
+        client.post("/v1/governance/tenants", headers=bearer(legacy), json={"name": "hostile"}),
+        403,
+        "insufficient_scope",
+    )
+    form = {"grant_type": "client_credentials", "client_id": legacy[:15], "client_secret": legacy}
+    access = client.post("/v1/auth/token", data=form).get_json()["access_token"]
+    assert client.get("/v1/auth/me", headers=bearer(access)).get_json()["is_admin"] is False
 
 
 def test_no_one_grants_a_scope_they_do_not_hold(client, world):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import requests
 from sqlalchemy import update
@@ -129,3 +130,25 @@ def test_revoked_api_key_is_refused_by_every_worker_at_once(served: tuple[Gunico
     assert set().union(*(pids(server, f"key-after{r}") for r in range(5))) - {revoking_worker}
     # The tenant's other key, cached on both workers too, still works.
     assert {r.status_code for r in burst(server, world.a_inference_key, "key-other")} == {200}
+
+
+def test_openai_sdk_with_a_revoked_key_raises_authentication_error(served: tuple[GunicornServer, World]):
+    """Acceptance 5: the official SDK works with a gateway key, and maps its revocation to the
+    SDK's AuthenticationError (a 401 in OpenAI's error shape), not a generic APIError."""
+    server, world = served
+    created = requests.post(
+        server.url + "/v1/governance/keys",
+        headers=bearer(world.a_key),
+        json={"name": "sdk", "scopes": ["models:read"]},
+        timeout=30,
+    ).json()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=created["key"], max_retries=0, timeout=30)
+    assert client.models.list().object == "list"  # authenticated (this server's catalogue is empty)
+    revoke = requests.post(
+        server.url + f"/v1/governance/keys/{created['id']}/revoke", headers=bearer(world.a_key), timeout=30
+    )
+    assert revoke.status_code == 200
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.models.list()
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+    assert info.value.body["type"] == "authentication_error"

@@ -1,18 +1,27 @@
 """Token quotas: atomic reservations under concurrency, settle/release, the ledger, reconcile after a
-Redis flush, and the in-process fallback. Run against Redis and the fallback, on both engines."""
+Redis flush, and the in-process fallback. Run against Redis and the fallback, on both engines; and
+end to end on a real 2-worker gunicorn in front of the upstream simulator (acceptance 3)."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 import redis
+import requests
 
 from app.errors import APIError
 from app.identity import accounts, quota
 from app.identity.principal import Principal
+from app.inference.service import token_bound
+from bench.upstream_sim import Simulator, run_simulator
 from tests import support
 
 
@@ -158,3 +167,161 @@ def test_quota_refuses_with_503_when_redis_is_down(monkeypatch, sqlite_url):
             quota.reserve(limited, 1)
         assert info.value.status == 503 and info.value.code == "quota_unavailable"
         quota.reserve(unlimited, 1).settle(1)  # no quota, no Redis needed
+
+
+# --- acceptance 3, end to end ---------------------------------------------------------------------
+
+MAX_TOKENS = 10
+FITS = 30
+CHAT = "/v1/chat/completions"
+
+
+class QuotaServer:
+    """A 2-worker gateway serving only the simulator's model, and a reader of one tenant's quota."""
+
+    def __init__(self, server: support.GunicornServer, database_url: str, redis_url: str) -> None:
+        self.server = server
+        self.database_url = database_url
+        self.redis = redis.Redis.from_url(redis_url)
+
+    def tenant(self, name: str, token_quota: int) -> tuple[str, str]:
+        """(tenant id, API key) of a new tenant whose rate limit stays out of the way."""
+        key = support.issue_key(self.database_url, name, rate_limit="100000/minute", token_quota=token_quota)
+        with psycopg.connect(self.database_url) as conn:
+            (tenant_id,) = conn.execute("SELECT id FROM tenants WHERE name = %s", (name,)).fetchone()
+        return tenant_id, key
+
+    def chat(self, key: str, stream: bool = False, max_tokens: int = MAX_TOKENS) -> requests.Response:
+        body = {"model": "upstream-chat", "max_tokens": max_tokens, "stream": stream}
+        return requests.post(
+            self.server.url + CHAT,
+            json={**body, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {key}", "Connection": "close"},
+            stream=stream,
+            timeout=60,
+        )
+
+    def abandon_stream(self, key: str, max_tokens: int) -> None:
+        """Open a chat stream on a raw socket, read until generation is under way, then hang up."""
+        body = json.dumps(
+            {
+                "model": "upstream-chat",
+                "max_tokens": max_tokens,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        ).encode()
+        head = (
+            f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=30) as sock:
+            sock.sendall(head + body)
+            received = b""
+            while b" tok1" not in received:
+                data = sock.recv(4096)
+                assert data, f"the stream ended before generation was under way: {received!r}"
+                received += data
+            assert received.startswith(b"HTTP/1.1 200")
+
+    def counted(self, tenant_id: str) -> int:
+        """The Redis counter: settled usage plus reservations still held."""
+        used = self.redis.hget(f"{quota.KEY_PREFIX}{tenant_id}:{quota.period_key('day')}", "used")
+        return int(used or 0)
+
+    def recorded(self, tenant_id: str) -> int:
+        """The ledger: settled usage only."""
+        with psycopg.connect(self.database_url) as conn:
+            row = conn.execute("SELECT tokens FROM token_usage WHERE tenant_id = %s", (tenant_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def settled(self, tenant_id: str, timeout: float = 15.0) -> int:
+        """The ledger once every reservation is settled or released: the counter equals it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counted, recorded = self.counted(tenant_id), self.recorded(tenant_id)
+            if counted == recorded or time.monotonic() > deadline:
+                assert counted == recorded, f"counter {counted} holds reservations; ledger {recorded}"
+                return recorded
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def quota_server(postgres_url: str, redis_url: str) -> Iterator[tuple[QuotaServer, Simulator]]:
+    """PostgreSQL, since 100 settles at once from two processes are the ledger's real workload."""
+    with run_simulator(latency_ms=300) as sim:
+        env = {
+            "DATABASE_URL": postgres_url,
+            "REDIS_URL": redis_url,
+            "MODELS_CONFIG": str(support.ROOT / "bench" / "models.yaml"),
+            "UPSTREAM_BASE_URL": sim.base_url,
+            "SSE_PING_INTERVAL": "0.2",
+        }
+        with support.GunicornServer(env, workers=2, ready_path="/readyz") as server:
+            yield QuotaServer(server, postgres_url, redis_url), sim
+            assert "Traceback" not in server.log()
+
+
+def race(gateway: QuotaServer, tenant: str) -> tuple[str, int, list[requests.Response]]:
+    """100 chats at once against a quota that fits 30: (tenant id, quota, admitted responses)."""
+    # A remote model can't count its prompt, so each call reserves its bound plus max_tokens.
+    token_quota = FITS * (token_bound(["hi"]) + MAX_TOKENS)
+    tenant_id, key = gateway.tenant(tenant, token_quota)
+    start = threading.Barrier(100)
+
+    def call(_: int) -> requests.Response:
+        start.wait()
+        return gateway.chat(key)
+
+    with ThreadPoolExecutor(100) as pool:
+        responses = list(pool.map(call, range(100)))
+    admitted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert 0 < len(admitted) <= FITS
+    assert {(r.status_code, r.json()["error"]["code"], r.json()["error"]["type"]) for r in refused} == {
+        (429, "insufficient_quota", "insufficient_quota")
+    }
+    return tenant_id, token_quota, admitted
+
+
+@pytest.mark.server
+def test_concurrent_chats_admit_at_most_what_the_quota_fits(quota_server):
+    """At most 30 admitted across both workers, the rest 429 insufficient_quota, and the ledger
+    holds exactly the usage the admitted calls reported, with no reservation left behind."""
+    gateway, _ = quota_server
+    tenant_id, _, admitted = race(gateway, "quota-race")
+    assert gateway.settled(tenant_id) == sum(r.json()["usage"]["total_tokens"] for r in admitted)
+
+
+@pytest.mark.server
+def test_concurrent_chats_record_no_more_than_the_quota(quota_server):
+    gateway, _ = quota_server
+    tenant_id, token_quota, _ = race(gateway, "quota-usage")
+    assert gateway.settled(tenant_id) <= token_quota
+
+
+@pytest.mark.server
+def test_failed_and_disconnected_calls_give_their_reservations_back(quota_server):
+    """A stream cut by the client or by the upstream settles only what was generated, a failed call
+    releases its whole reservation: each time the counter comes back to the ledger exactly."""
+    gateway, sim = quota_server
+    token_quota = 20 * (token_bound(["hi"]) + MAX_TOKENS)  # room for every call below at once
+    tenant_id, key = gateway.tenant("quota-faults", token_quota)
+
+    sim.configure(latency_ms=0, tokens=200, tokens_per_s=20)
+    for _ in range(3):
+        gateway.abandon_stream(key, max_tokens=50)
+    after_disconnects = gateway.settled(tenant_id)
+    assert 0 < after_disconnects < 3 * 50, "only the tokens generated before the cuts count"
+
+    sim.configure(fault="cut", fault_rate=1.0, tokens=MAX_TOKENS, tokens_per_s=0)
+    cut_upstream = gateway.chat(key, stream=True)
+    assert cut_upstream.status_code == 200 and b'"error"' in cut_upstream.content
+    after_cut = gateway.settled(tenant_id)
+    assert after_disconnects < after_cut < after_disconnects + MAX_TOKENS
+
+    sim.configure(fault="500")  # the breaker opens on some of these: 503, also after the reservation
+    with ThreadPoolExecutor(10) as pool:
+        failed = list(pool.map(lambda _: gateway.chat(key), range(10)))
+    assert {r.status_code for r in failed} <= {502, 503}
+    assert gateway.settled(tenant_id) == after_cut <= token_quota

@@ -167,8 +167,9 @@ def refresh_tokens() -> tuple[dict[str, Any], int, dict[str, str]]:
 def revoke_tokens() -> dict[str, list[str]]:
     """Revoke the bearer JWT
 
-    An access token is revoked together with the refresh token issued with it; a refresh
-    token alone. Revocation holds on every worker at once. API keys are revoked at
+    An access token is revoked together with the refresh token issued with it, and a refresh
+    token together with every access token issued with it. Revocation holds on every worker
+    at once. API keys are revoked at
     POST /v1/governance/keys/{key_id}/revoke.
     """
     header = request.headers.get("Authorization", "")

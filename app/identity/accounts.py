@@ -20,6 +20,8 @@ from app.identity.hashing import hash_secret, needs_rehash, verify_secret
 from app.identity.models import ApiKey, Tenant, User, utcnow
 
 QUOTA_PERIODS = ("day", "month")
+# The operator's tenant, made by `flask bootstrap`: `admin` makes a platform admin only here.
+PLATFORM_TENANT = "platform"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ def validate_scopes(values: Iterable[str]) -> None:
     bad = sc.unknown(values)
     if bad:
         raise ma.ValidationError(f"unknown scope(s) {', '.join(bad)}; known: {', '.join(sc.SCOPES)}")
+
+
+def check_admin_grant(tenant: Tenant, scopes: Iterable[str]) -> None:
+    """`admin` crosses tenants, so only the platform tenant's users and keys may hold it: granted in
+    another tenant it would either make a second operator or silently mean nothing."""
+    if sc.ADMIN in set(scopes) and tenant.name != PLATFORM_TENANT:
+        raise APIError(
+            400,
+            f"The admin scope can only be granted in the {PLATFORM_TENANT!r} tenant, not in "
+            f"{tenant.name!r}; grant governance:read/governance:write to administer one tenant.",
+            code="admin_outside_platform",
+            param="scopes",
+        )
 
 
 def tenant_settings(tenant_id: str) -> TenantSettings | None:
@@ -145,7 +160,9 @@ def update_tenant(tenant: Tenant, changes: dict[str, object]) -> Tenant:
 
 
 def create_user(tenant: Tenant, username: str, password: str, scopes: Iterable[str]) -> User:
+    scopes = list(scopes)
     validate_scopes(scopes)
+    check_admin_grant(tenant, scopes)
     user = User(
         tenant_id=tenant.id, username=username, password_hash=hash_secret(password), scopes=sc.join(scopes)
     )

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.extensions import db
 from app.identity import scopes as sc
-from app.identity.accounts import lookup_session, validate_scopes
+from app.identity.accounts import check_admin_grant, lookup_session, validate_scopes
 from app.identity.cache import cache
 from app.identity.hashing import hash_secret, verify_secret
 from app.identity.models import ApiKey, Tenant, User, utcnow
@@ -76,6 +76,7 @@ def issue_key(
     """Create a key; the full key is in the return value and nowhere else, ever."""
     scopes = list(scopes)
     validate_scopes(scopes)
+    check_admin_grant(tenant, scopes)
     full, prefix, secret = generate_key()
     key = ApiKey(
         tenant_id=tenant.id,

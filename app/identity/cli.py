@@ -21,7 +21,6 @@ tenants_cli = AppGroup("tenants", help="Create and list tenants.")
 users_cli = AppGroup("users", help="Create users.")
 keys_cli = AppGroup("keys", help="Issue, list and revoke API keys.")
 
-PLATFORM_TENANT = "platform"
 DEMO_TENANT = "demo"
 ADMIN_USERNAME = "admin"
 
@@ -114,7 +113,10 @@ def issue_key(tenant: str, name: str, scopes: str, expires_days: int | None, use
         if user is None:
             raise click.ClickException(f"no user {username!r} in tenant {owner_tenant.name}")
     expires_at = utcnow() + timedelta(days=expires_days) if expires_days else None
-    key, full = apikeys.issue_key(owner_tenant, name, _scopes(scopes), user=user, expires_at=expires_at)
+    try:
+        key, full = apikeys.issue_key(owner_tenant, name, _scopes(scopes), user=user, expires_at=expires_at)
+    except (APIError, ma.ValidationError) as exc:
+        raise _fail(exc) from None
     _print_key(full, key)
 
 
@@ -158,7 +160,7 @@ def bootstrap(force: bool) -> None:
         click.echo("bootstrap: skipped (the database already has tenants)")
         return
     try:
-        platform = accounts.create_tenant(PLATFORM_TENANT)
+        platform = accounts.create_tenant(accounts.PLATFORM_TENANT)
         accounts.create_tenant(DEMO_TENANT)
     except APIError:  # another process bootstrapped at the same moment
         click.echo("bootstrap: skipped (already bootstrapped)")
@@ -168,7 +170,7 @@ def bootstrap(force: bool) -> None:
     rule = "=" * 78
     click.echo(
         f"{rule}\n"
-        f"  flask-ai-gateway bootstrapped: tenants '{PLATFORM_TENANT}' and '{DEMO_TENANT}',\n"
+        f"  flask-ai-gateway bootstrapped: tenants '{accounts.PLATFORM_TENANT}' and '{DEMO_TENANT}',\n"
         f"  admin user '{ADMIN_USERNAME}' (no usable password; it owns the key below).\n"
         f"  Platform admin API key (shown ONCE, never again; store it in a secret manager now):\n\n"
         f"    {full}\n\n"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -21,7 +21,7 @@ from flask_smorest import Blueprint
 from app.errors import APIError
 from app.identity import limits, tokens
 from app.identity import scopes as sc
-from app.identity.accounts import credential_active, tenant_settings
+from app.identity.accounts import PLATFORM_TENANT, credential_active, tenant_settings
 from app.identity.apikeys import looks_like_key, verify_key
 from app.identity.cache import cache
 from app.identity.tokens import MISSING_MESSAGE, unauthorized
@@ -31,17 +31,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class Principal:
+    """`platform`: the tenant is the platform tenant, the only one where `admin` means anything."""
+
     tenant_id: str
     subject: str
     kind: str  # "user" | "api_key"
     scopes: frozenset[str]
     key_id: str | None
     user_id: str | None
+    platform: bool = False
 
     @property
     def is_admin(self) -> bool:
-        """A platform admin holds every scope and may act across tenants."""
-        return sc.ADMIN in self.scopes
+        """A platform admin holds every scope and may act across tenants. `authenticate` already
+        drops `admin` outside the platform tenant; this checks again for Principals built elsewhere."""
+        return self.platform and sc.ADMIN in self.scopes
 
     def has_scopes(self, *required: str) -> bool:
         return sc.satisfies(self.scopes, required)
@@ -63,6 +67,7 @@ def authenticate() -> Principal:
     settings = tenant_settings(principal.tenant_id)
     if settings is None or not settings.active:
         raise APIError(403, "This tenant is disabled.", code="tenant_disabled")
+    principal = _in_tenant(principal, platform=settings.name == PLATFORM_TENANT)
     g.principal = principal
     g.tenant = principal.tenant_id
     structlog.contextvars.bind_contextvars(tenant=principal.tenant_id, subject=principal.subject)
@@ -111,6 +116,13 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
         return documented(wrapper)  # type: ignore[return-value]
 
     return decorator
+
+
+def _in_tenant(principal: Principal, *, platform: bool) -> Principal:
+    """Outside the platform tenant `admin` is dropped: it grants neither every scope nor other
+    tenants, even on a credential that holds it from before grants were checked."""
+    scopes = principal.scopes if platform else principal.scopes - {sc.ADMIN}
+    return replace(principal, scopes=scopes, platform=platform)
 
 
 def _bearer_token() -> str:

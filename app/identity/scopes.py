@@ -1,4 +1,8 @@
-"""The scopes a credential can carry. `admin` is the platform operator: every scope, every tenant."""
+"""The scopes a credential can carry. `admin` is the platform operator: every scope, every tenant.
+
+Only the platform tenant's credentials may hold it (`accounts.check_admin_grant`), and
+`Principal` drops it anywhere else, so the functions here may treat it as the wildcard.
+"""
 
 from __future__ import annotations
 

@@ -2,14 +2,20 @@
 
 The identity is the principal's subject string; tenant, scopes, kind and credential ids ride in
 additional claims, so a request authenticated by JWT needs no database read. An access token
-issued with a refresh token carries that refresh token's id and expiry (`rjti`, `rexp`), so one
-revoke call ends both. Revoked token ids go to a Redis blocklist with a TTL equal to the token's
-remaining life, checked by `token_in_blocklist_loader` on every worker. If Redis is unreachable
-the check fails closed (503): a revoked token must never be accepted again.
+issued with a refresh token carries that refresh token's id and expiry (`rjti`, `rexp`): revoking
+either token ends both, since an access token counts as revoked when its own id or its refresh
+token's id is blocklisted. Revoked token ids go to a Redis blocklist with a TTL equal to the
+token's remaining life, checked by `token_in_blocklist_loader` on every worker. If Redis is
+unreachable the check fails closed (503): a revoked token must never be accepted again.
+
+A refresh token is single-use: rotation claims it with one SET NX, so of two concurrent refreshes
+on any workers exactly one wins. Used ids are kept apart from revoked ones, so rotating does not
+also end the access token issued with the old refresh token, which expires soon on its own.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from datetime import timedelta
@@ -38,33 +44,55 @@ from app.identity.models import ApiKey, User, utcnow
 log = structlog.get_logger(__name__)
 
 BLOCKLIST_PREFIX = "jwt:revoked:"
+USED_PREFIX = "jwt:used:"
 REQUIRED_CLAIMS = ("sub", "tenant", "scopes", "kind", "jti", "exp")
 MISSING_MESSAGE = "Authentication required: send 'Authorization: Bearer <API key or access token>'."
 
 
 class Blocklist:
-    """Revoked token ids until they would have expired anyway; local dict without Redis."""
+    """Revoked token ids, and used refresh-token ids, until the token would have expired anyway.
+
+    Without Redis, a dict in the process under a lock, so the claim stays atomic across threads.
+    """
 
     def __init__(self, redis: Redis | None) -> None:
         self._redis = redis
         self._local: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def add(self, jti: str, expires_at: float) -> None:
-        ttl = max(1, int(expires_at - time.time()) + 1)
+        """Revoke `jti`."""
+        self._set(BLOCKLIST_PREFIX + jti, expires_at, only_if_new=False)
+
+    def claim(self, jti: str, expires_at: float) -> bool:
+        """Mark a refresh token used; True for the first claim only, whichever worker makes it."""
+        return self._set(USED_PREFIX + jti, expires_at, only_if_new=True)
+
+    def any_revoked(self, jtis: Iterable[str | None]) -> bool:
+        """Whether any of `jtis` is revoked, in one round trip (EXISTS counts every key it is given)."""
+        keys = [BLOCKLIST_PREFIX + jti for jti in jtis if jti]
+        if not keys:
+            return False
         if self._redis is None:
-            self._local[jti] = time.time() + ttl
-            return
+            now = time.time()
+            with self._lock:
+                return any(self._local.get(key, 0.0) > now for key in keys)
         try:
-            self._redis.set(BLOCKLIST_PREFIX + jti, "1", ex=ttl)
+            return bool(self._redis.exists(*keys))
         except RedisError as exc:
             raise _unavailable(exc) from exc
 
-    def __contains__(self, jti: str) -> bool:
+    def _set(self, key: str, expires_at: float, *, only_if_new: bool) -> bool:
+        ttl = max(1, int(expires_at - time.time()) + 1)
         if self._redis is None:
-            expires = self._local.get(jti)
-            return expires is not None and expires > time.time()
+            now = time.time()
+            with self._lock:
+                if only_if_new and self._local.get(key, 0.0) > now:
+                    return False
+                self._local[key] = now + ttl
+                return True
         try:
-            return bool(self._redis.exists(BLOCKLIST_PREFIX + jti))
+            return bool(self._redis.set(key, "1", ex=ttl, nx=only_if_new))
         except RedisError as exc:
             raise _unavailable(exc) from exc
 
@@ -84,7 +112,8 @@ def blocklist() -> Blocklist:
 
 
 def _is_revoked(_header: dict, payload: dict) -> bool:
-    return payload.get("jti", "") in blocklist()
+    """An access token dies with the refresh token it was issued with (`rjti`), so check both."""
+    return blocklist().any_revoked((payload.get("jti"), payload.get("rjti")))
 
 
 def unauthorized(message: str, code: str, rfc_error: str = "invalid_token") -> APIError:
@@ -148,23 +177,29 @@ def issue(
 
 
 def revoke(claims: dict[str, Any]) -> list[str]:
-    """Blocklist this token and, for an access token, the refresh token issued with it."""
-    revoked = [claims["type"]]
+    """Blocklist this token; either token of a pair takes the other with it.
+
+    Revoking an access token also revokes its `rjti`; revoking a refresh token needs nothing more,
+    as `_is_revoked` refuses every access token whose `rjti` is blocklisted.
+    """
     blocklist().add(claims["jti"], claims["exp"])
+    if claims["type"] == "refresh":
+        return ["refresh", "access"]
     if claims.get("rjti"):
         blocklist().add(claims["rjti"], claims.get("rexp") or claims["exp"])
-        revoked.append("refresh")
-    return revoked
+        return ["access", "refresh"]
+    return ["access"]
 
 
 def refresh(claims: dict[str, Any]) -> dict[str, Any]:
-    """Rotate: the presented refresh token is revoked and a new pair issued, with scopes narrowed to
+    """Rotate: the presented refresh token is used up and a new pair issued, with scopes narrowed to
     what the credential holds now (a scope removed since login is not refreshed back)."""
     current = _current_scopes(claims["kind"], claims.get("user_id"), claims.get("key_id"))
     settings = tenant_settings(claims["tenant"])
     if current is None or settings is None or not settings.active:
         raise unauthorized("The credential this token was issued to is no longer valid.", "invalid_token")
-    blocklist().add(claims["jti"], claims["exp"])
+    if not blocklist().claim(claims["jti"], claims["exp"]):
+        raise unauthorized("This refresh token has already been used; sign in again.", "token_revoked")
     return issue(
         subject=claims["sub"],
         tenant_id=claims["tenant"],

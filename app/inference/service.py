@@ -38,6 +38,19 @@ from app.inference.streaming import chat_event_stream
 from app.inference.tensors import decode_inputs, encode_outputs
 from app.observability import outgoing_headers, request_id
 
+# Chat templates add a few tokens per message (role markers, separators); 8 covers the families we know.
+MESSAGE_OVERHEAD_TOKENS = 8
+
+
+def token_bound(texts: list[str]) -> int:
+    """An upper bound on the tokens of `texts` for a model that can't count them (remote ones).
+
+    Byte-level tokenizers emit at most one token per UTF-8 byte, plus special tokens. Quota
+    reservations must never be short, or admitted requests together overspend; settlement gives
+    back what was not used.
+    """
+    return sum(len(t.encode()) + MESSAGE_OVERHEAD_TOKENS for t in texts)
+
 
 def _require(runtime: ModelRuntime, capability: str) -> None:
     runtime.check_ready()
@@ -131,6 +144,12 @@ def _chat_request(
     return request, prompt_tokens, decision
 
 
+def _chat_need(request: ChatRequest, prompt_tokens: int) -> int:
+    """What a chat may spend: its prompt (counted, or bounded when the model can't count) and max_tokens."""
+    prompt = prompt_tokens or token_bound([m["content"] for m in request.messages])
+    return prompt + (request.max_tokens or 0)
+
+
 def _observe_prompt(runtime: ModelRuntime, messages: list[dict[str, str]]) -> None:
     """Drift sees the last user message of a call the model answered; a failed call's input
     says nothing about the traffic the model serves. One message, not the whole conversation:
@@ -155,7 +174,7 @@ def run_chat(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
     runtime = _route(principal, body)
     _require(runtime, "chat")
     request, prompt_tokens, decision = _chat_request(principal, runtime, body)
-    reservation = quota.reserve(principal, prompt_tokens + (request.max_tokens or 0))
+    reservation = quota.reserve(principal, _chat_need(request, prompt_tokens))
     try:
         result = runtime.chat(request)
     except BaseException:
@@ -191,7 +210,7 @@ def chat_completion(principal: Principal, body: dict[str, Any]) -> dict[str, Any
     runtime = _route(principal, body)
     _require(runtime, "chat")
     request, prompt_tokens, decision = _chat_request(principal, runtime, body)
-    reservation = quota.reserve(principal, prompt_tokens + (request.max_tokens or 0))
+    reservation = quota.reserve(principal, _chat_need(request, prompt_tokens))
     try:
         chunks = runtime.chat_stream(request)  # admission: a full model answers 503 before any byte
     except BaseException:
@@ -256,8 +275,7 @@ def run_embeddings(principal: Principal, body: dict[str, Any]) -> dict[str, Any]
     _note_decision(decision)
     texts = decision.texts or texts
     audit.note(input=texts)
-    # Every token is at least one character, plus the model's special tokens.
-    reservation = quota.reserve(principal, sum(len(t) + 2 for t in texts))
+    reservation = quota.reserve(principal, token_bound(texts))
     try:
         result = runtime.embed(texts, body.get("dimensions"))
     except BaseException:
