@@ -129,6 +129,7 @@ class BaseConfig:
     DRIFT_P_VALUE = 0.01
     DRIFT_CENTROID_THRESHOLD = 0.3
     DRIFT_INTERVAL_S = 60.0
+    USAGE_LEDGER_FLUSH_S = 1.0
     DRIFT_REFERENCE_TEXTS = str(ROOT / "config" / "drift_reference_texts.txt")
     SSE_PING_INTERVAL_S = 5.0
     BOOTSTRAP = True
@@ -202,6 +203,9 @@ class BaseConfig:
             env, "DRIFT_CENTROID_THRESHOLD", cls.DRIFT_CENTROID_THRESHOLD
         )
         cfg["DRIFT_INTERVAL_S"] = _float(env, "DRIFT_INTERVAL", cls.DRIFT_INTERVAL_S)
+        cfg["USAGE_LEDGER_FLUSH_S"] = _float(env, "USAGE_LEDGER_FLUSH_INTERVAL", cls.USAGE_LEDGER_FLUSH_S)
+        if float(cfg["USAGE_LEDGER_FLUSH_S"]) <= 0:  # type: ignore[arg-type]
+            raise ConfigError("USAGE_LEDGER_FLUSH_INTERVAL", "must be > 0 seconds")
         cfg["DRIFT_REFERENCE_TEXTS"] = env.get("DRIFT_REFERENCE_TEXTS") or cls.DRIFT_REFERENCE_TEXTS
         cfg["BOOTSTRAP"] = _bool(env, "BOOTSTRAP", cls.BOOTSTRAP)
         cfg["RATELIMIT_FAIL_OPEN"] = _bool(env, "RATELIMIT_FAIL_OPEN", cls.RATELIMIT_FAIL_OPEN)

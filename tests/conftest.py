@@ -31,9 +31,11 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_template() -> str:
+def postgres_template():
     base = support.require_service("TEST_DATABASE_URL")
-    return support.create_postgres_template(base)
+    url = support.create_postgres_template(base)
+    yield url
+    support.drop_postgres_database(url)  # a shared server must not collect one per test run
 
 
 @pytest.fixture
@@ -84,6 +86,7 @@ def app(database_url: str, app_env: dict[str, str], monkeypatch: pytest.MonkeyPa
     from app.governance import audit
 
     audit.shutdown(application)  # nothing left to spool into instance/ once the database is gone
+    application.extensions["usage_ledger"].close()
     drift = application.extensions.get("drift")
     if drift is not None:
         drift.stop()  # its refresh loop would go on writing into the next test's Redis

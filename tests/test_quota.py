@@ -90,6 +90,54 @@ def test_concurrent_reservations_never_exceed_the_quota(app):
         assert quota.persisted_usage(principal.tenant_id, quota.period_key("day")) == 10
 
 
+def _ledger_row(app, tenant_id: str) -> int | None:
+    from sqlalchemy import select
+
+    from app.extensions import db
+    from app.identity.models import TokenUsage
+
+    with app.app_context(), db.engine.connect() as conn:
+        return conn.execute(select(TokenUsage.tokens).where(TokenUsage.tenant_id == tenant_id)).scalar()
+
+
+def test_the_ledger_is_written_once_per_flush_not_once_per_request(app, monkeypatch):
+    """100 settles from 20 threads become one upsert of their sum; a failed flush keeps its sums."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.identity import ledger as ledger_module
+
+    principal = tenant_principal(app, token_quota=None)
+    ledger = app.extensions["usage_ledger"]
+    ledger.interval_s = 3600  # only explicit flushes in this test
+    writes: list[int] = []
+    upsert = ledger_module._upsert
+    monkeypatch.setattr(
+        ledger_module, "_upsert", lambda conn, pending: (writes.append(1), upsert(conn, pending))
+    )
+
+    def settle(_: int) -> None:
+        with app.app_context():
+            quota.reserve(principal, 5).settle(3)
+
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(settle, range(100)))
+    assert _ledger_row(app, principal.tenant_id) is None and writes == []  # nothing on the request path
+    ledger.flush()
+    assert _ledger_row(app, principal.tenant_id) == 300 and writes == [1]
+
+    def down(conn, pending):
+        raise OperationalError("INSERT", {}, Exception("database is down"))
+
+    monkeypatch.setattr(ledger_module, "_upsert", down)
+    with app.app_context():
+        quota.reserve(principal, 5).settle(4)
+    ledger.flush()
+    assert _ledger_row(app, principal.tenant_id) == 300  # not written, and not lost:
+    monkeypatch.setattr(ledger_module, "_upsert", upsert)
+    with app.app_context():
+        assert quota.persisted_usage(principal.tenant_id, quota.period_key("day")) == 304
+
+
 def test_settle_and_release_restore_the_counter(app):
     principal = tenant_principal(app, token_quota=100)
     with app.app_context():

@@ -3,9 +3,9 @@
 `reserve(principal, max_tokens)` admits a request only if the tenant's counter plus `max_tokens`
 fits its `token_quota`; the check-and-add is one Lua script, so concurrent requests on any
 number of workers can never overshoot. `Reservation.settle(actual)` replaces the reservation with
-the tokens really used and adds them to the `token_usage` table; `release()` gives the
-reservation back (failure, client disconnect). Whichever of the two runs first wins; later calls
-are no-ops, so `try: ... settle(n) finally: release()` is the intended pattern.
+the tokens really used and adds them to the `token_usage` ledger (batched: see ledger.py);
+`release()` gives the reservation back (failure, client disconnect). Whichever of the two runs
+first wins; later calls are no-ops, so `try: ... settle(n) finally: release()` is the intended pattern.
 
 The database is the ledger and Redis a counter of ledger plus in-flight reservations: when the
 Redis key is missing (first use in a period, or Redis restarted or flushed) it is rebuilt from the
@@ -32,13 +32,13 @@ import structlog
 from flask import Flask, current_app
 from redis import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import select
 
 from app.errors import APIError
 from app.extensions import db
 from app.identity.accounts import tenant_settings
-from app.identity.models import TokenUsage, utcnow
+from app.identity.ledger import UsageLedger
+from app.identity.models import TokenUsage
 from app.identity.principal import Principal
 
 log = structlog.get_logger(__name__)
@@ -172,15 +172,7 @@ class Reservation:
             if self.epoch is not None:
                 self._adjust(actual_tokens)
             if actual_tokens:
-                try:
-                    record_usage(self.tenant_id, self.period, actual_tokens)
-                except SQLAlchemyError:
-                    # The tokens are spent and the answer is ready; failing the request during a
-                    # database outage would undo neither. The log line, and the request's audit
-                    # record (tokens in and out), are what repair the ledger.
-                    log.error(
-                        "usage_not_recorded", tenant=self.tenant_id, period=self.period, tokens=actual_tokens
-                    )
+                _ledger().add(self.tenant_id, self.period, actual_tokens)
 
     def release(self) -> None:
         """Give the whole reservation back; a no-op after settle or a previous release."""
@@ -244,33 +236,13 @@ def reserve(principal: Principal, tokens: int) -> Reservation:
 
 
 def persisted_usage(tenant_id: str, period: str) -> int:
+    """The ledger's total, this worker's unflushed sums included (they are flushed first)."""
+    _ledger().flush()
     with db.engine.connect() as conn:
         tokens = conn.execute(
             select(TokenUsage.tokens).where(TokenUsage.tenant_id == tenant_id, TokenUsage.period == period)
         ).scalar()
     return int(tokens or 0)
-
-
-def record_usage(tenant_id: str, period: str, tokens: int) -> None:
-    """Add to the ledger in its own transaction (portable upsert: update, else insert, else update)."""
-    increment = (
-        update(TokenUsage)
-        .where(TokenUsage.tenant_id == tenant_id, TokenUsage.period == period)
-        .values(tokens=TokenUsage.tokens + tokens, updated_at=utcnow())
-    )
-    with db.engine.begin() as conn:
-        if conn.execute(increment).rowcount:
-            return
-    try:
-        with db.engine.begin() as conn:
-            conn.execute(
-                TokenUsage.__table__.insert().values(
-                    tenant_id=tenant_id, period=period, tokens=tokens, updated_at=utcnow()
-                )
-            )
-    except IntegrityError:  # another worker inserted the row first
-        with db.engine.begin() as conn:
-            conn.execute(increment)
 
 
 def reconcile(tenant_id: str) -> int:
@@ -307,6 +279,11 @@ def _store() -> CounterStore:
     return current_app.extensions["quota_counters"]
 
 
+def _ledger() -> UsageLedger:
+    return current_app.extensions["usage_ledger"]
+
+
 def init_app(app: Flask) -> None:
     redis = app.extensions.get("redis_client")
     app.extensions["quota_counters"] = RedisCounters(redis) if redis is not None else LocalCounters()
+    app.extensions["usage_ledger"] = UsageLedger(app, float(app.config["USAGE_LEDGER_FLUSH_S"]))
