@@ -50,6 +50,7 @@ def register_extensions(app: Flask) -> None:
         "bearerAuth",
         {"type": "http", "scheme": "bearer", "description": "An API key (gw-...) or a JWT access token."},
     )
+    api.spec.components.security_scheme("oauth2", identity.oauth2_scheme())
     health.init_app(app)
     identity.init_app(app)
     catalogue.init_app(app)

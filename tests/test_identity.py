@@ -660,7 +660,16 @@ def test_openapi_documents_security_and_scopes(client):
     spec = client.get("/openapi.json").get_json()
     validate(spec)
     create_key = spec["paths"]["/v1/governance/keys"]["post"]
-    assert create_key["security"] == [{"bearerAuth": []}]
+    assert create_key["security"] == [{"oauth2": [sc.GOVERNANCE_WRITE]}, {"bearerAuth": []}]
+    flows = spec["components"]["securitySchemes"]["oauth2"]["flows"]
+    assert set(flows) == {"password", "clientCredentials"}
+    assert flows["password"]["tokenUrl"] == "/v1/auth/token"
+    assert set(flows["password"]["scopes"]) == set(sc.SCOPES)
+    for path, operations in spec["paths"].items():  # every protected operation names its scopes
+        for method, operation in operations.items():
+            if "x-required-scopes" in operation:
+                wanted = {"oauth2": operation["x-required-scopes"]}
+                assert operation["security"][0] == wanted, (method, path)
     assert create_key["x-required-scopes"] == [sc.GOVERNANCE_WRITE]
     assert "governance:write" in create_key["description"]
     assert {"401", "403", "429"} <= set(map(str, create_key["responses"]))

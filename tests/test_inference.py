@@ -228,6 +228,12 @@ CHAT = "/v1/chat/completions"
             "n",
         ),
         (
+            {"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "n": 0},
+            422,
+            "validation_error",
+            "n",
+        ),
+        (
             {"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
             400,
             "invalid_value",
@@ -318,10 +324,11 @@ def test_v2_unknown_model_and_version(gateway):
 # 4. The upstream through the gateway ---------------------------------------------------------
 def test_upstream_stream_cut_ends_with_an_error_event(gateway, simulator):
     simulator.configure(fault="cut", fault_rate=1.0, tokens=20)
+    started = time.monotonic()
     try:
         with pytest.raises(openai.APIError) as info:
             stream = openai.OpenAI(
-                base_url=gateway.url + "/v1", api_key=gateway.key, max_retries=0
+                base_url=gateway.url + "/v1", api_key=gateway.key, max_retries=0, timeout=10
             ).chat.completions
             list(
                 stream.create(
@@ -329,6 +336,7 @@ def test_upstream_stream_cut_ends_with_an_error_event(gateway, simulator):
                 )
             )
         assert "interrupted" in str(info.value).lower() or "upstream" in str(info.value).lower()
+        assert time.monotonic() - started < 5, "the cut stream hung before it ended"
     finally:
         simulator.reset()
 
@@ -487,6 +495,13 @@ def test_fanout_deadline(gateway, simulator):
         ]
         resp = post(gateway, "/v1/fanout", {"calls": calls})
         assert resp.json()["results"][0]["status"] == "deadline_exceeded"
+        # The overall deadline bounds calls that have none of their own, and the whole request.
+        started = time.monotonic()
+        calls = [{"model": "upstream-chat", "input": {"messages": [{"role": "user", "content": "hi"}]}}] * 3
+        resp = post(gateway, "/v1/fanout", {"calls": calls, "deadline_ms": 400})
+        assert resp.status_code == 200, resp.text
+        assert [r["status"] for r in resp.json()["results"]] == ["deadline_exceeded"] * 3
+        assert time.monotonic() - started < 1.2
     finally:
         simulator.reset()
 

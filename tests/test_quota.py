@@ -184,6 +184,27 @@ def test_lost_counters_are_rebuilt_from_the_ledger(app):
         assert quota.persisted_usage(principal.tenant_id, quota.period_key("day")) == 24
 
 
+def test_flask_quota_reconcile_repairs_a_stale_counter(app, runner):
+    """Redis restored from an old snapshot: its counter exists but forgot settled usage."""
+    principal = tenant_principal(app, token_quota=50)
+    with app.app_context():
+        quota.reserve(principal, 40).settle(40)
+        key = f"{quota.KEY_PREFIX}{principal.tenant_id}:{quota.period_key('day')}"
+        store = app.extensions["quota_counters"]
+        if app.config.get("REDIS_URL"):
+            store.redis.hset(key, "used", 0)
+        else:
+            store._counters[key][0] = 0
+        assert quota.counted(principal.tenant_id) == 0  # would admit 50 more
+    result = runner.invoke(args=["quota", "reconcile"])
+    assert result.exit_code == 0, result.output
+    assert "40 tokens settled" in result.output
+    with app.app_context():
+        assert quota.counted(principal.tenant_id) == 40
+        with pytest.raises(APIError):
+            quota.reserve(principal, 11)
+
+
 def test_unlimited_tenants_are_never_refused_but_their_usage_is_recorded(app):
     principal = tenant_principal(app, token_quota=None)
     with app.app_context():

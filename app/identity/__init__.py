@@ -11,6 +11,13 @@ from __future__ import annotations
 from flask import Flask
 
 from app.identity import cache, cli, models, quota, tokens  # noqa: F401  (models registers the tables)
+from app.identity import scopes as sc
+
+
+def oauth2_scheme() -> dict[str, object]:
+    """The OpenAPI security scheme of POST /v1/auth/token: both RFC 6749 grants, every scope."""
+    flow = {"tokenUrl": "/v1/auth/token", "refreshUrl": "/v1/auth/refresh", "scopes": sc.DESCRIPTIONS}
+    return {"type": "oauth2", "flows": {"password": flow, "clientCredentials": flow}}
 
 
 def init_app(app: Flask) -> None:

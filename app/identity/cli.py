@@ -20,6 +20,7 @@ from app.identity.models import ApiKey, Tenant, User, utcnow
 tenants_cli = AppGroup("tenants", help="Create and list tenants.")
 users_cli = AppGroup("users", help="Create users.")
 keys_cli = AppGroup("keys", help="Issue, list and revoke API keys.")
+quota_cli = AppGroup("quota", help="Token quota counters.")
 
 DEMO_TENANT = "demo"
 ADMIN_USERNAME = "admin"
@@ -181,6 +182,24 @@ def bootstrap(force: bool) -> None:
     )
 
 
+@quota_cli.command("reconcile")
+@click.argument("tenants", nargs=-1)
+def reconcile_quota(tenants: tuple[str, ...]) -> None:
+    """Rebuild quota counters from the usage ledger (after restoring Redis from an old snapshot).
+
+    With no TENANTS, every tenant that has a token quota.
+    """
+    from app.identity import quota
+
+    rows = (
+        [_tenant(t) for t in tenants]
+        if tenants
+        else db.session.scalars(select(Tenant).where(Tenant.token_quota.is_not(None))).all()
+    )
+    for tenant in rows:
+        click.echo(f"{tenant.name}: {quota.reconcile(tenant.id)} tokens settled this period")
+
+
 def init_app(app: Flask) -> None:
-    for command in (tenants_cli, users_cli, keys_cli, bootstrap):
+    for command in (tenants_cli, users_cli, keys_cli, quota_cli, bootstrap):
         app.cli.add_command(command)

@@ -83,8 +83,8 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
     """Authenticate, check every scope in `scopes` (admin has all), then rate-limit, in that order.
 
     Place it above `@blp.arguments` so an unauthenticated caller learns nothing from validation
-    errors. It also documents the operation: bearerAuth security, 401/403/429 responses, and the
-    scopes in `x-required-scopes` and the description.
+    errors. It also documents the operation: oauth2 security with its scopes (or bearerAuth),
+    401/403/429 responses, and the scopes in `x-required-scopes` and the description.
     """
     bad = sc.unknown(scopes)
     if bad:
@@ -109,7 +109,8 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
         requirement = f"Requires scope(s): `{needed}` (or `admin`)." if scopes else "Any valid credential."
         wrapper.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\n{requirement}"
         documented = Blueprint.doc(
-            security=[{"bearerAuth": []}],
+            # Either scheme: OAuth2 names the scopes; a bare bearer is how API keys are sent.
+            security=[{"oauth2": list(scopes)}, {"bearerAuth": []}],
             responses={401: "UNAUTHORIZED", 403: "FORBIDDEN", 429: "TOO_MANY_REQUESTS"},
             **{"x-required-scopes": list(scopes)},
         )

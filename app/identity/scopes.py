@@ -15,6 +15,13 @@ GOVERNANCE_WRITE = "governance:write"
 ADMIN = "admin"
 
 SCOPES: tuple[str, ...] = (INFERENCE_INVOKE, MODELS_READ, GOVERNANCE_READ, GOVERNANCE_WRITE, ADMIN)
+DESCRIPTIONS: dict[str, str] = {
+    INFERENCE_INVOKE: "Call models: chat, embeddings, Open Inference Protocol, fan-out.",
+    MODELS_READ: "List models and read their metadata.",
+    GOVERNANCE_READ: "Read the tenant's keys, users, policies, audit trail, usage and drift.",
+    GOVERNANCE_WRITE: "Change the tenant's keys, users and policies.",
+    ADMIN: "Platform operator (platform tenant only): every scope, every tenant, the model registry.",
+}
 DEFAULT_KEY_SCOPES: tuple[str, ...] = (INFERENCE_INVOKE, MODELS_READ)
 
 

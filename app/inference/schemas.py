@@ -80,7 +80,7 @@ class ChatCompletionRequestSchema(Base):
     stop = StringOrStrings(allow_none=True, max_items=4)
     seed = ma.fields.Integer(allow_none=True)
     user = ma.fields.String(allow_none=True, validate=validate.Length(max=256))
-    n = ma.fields.Integer(allow_none=True, load_default=1)
+    n = ma.fields.Integer(allow_none=True, load_default=1, validate=validate.Range(min=1))
     stream = ma.fields.Boolean(allow_none=True, load_default=False)
     stream_options = ma.fields.Nested(StreamOptionsSchema, allow_none=True)
 

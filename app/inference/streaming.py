@@ -35,9 +35,13 @@ class Pump:
     streams stop at the next token, a few milliseconds away.
     """
 
+    # Chunks read ahead of a slow client: past this the pump waits, and so does the upstream socket
+    # (TCP back-pressure), instead of buffering a whole reply in the worker's memory.
+    READ_AHEAD = 64
+
     def __init__(self, chunks: Iterator[ChatChunk], interruptible: bool) -> None:
         self._chunks = chunks
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.READ_AHEAD)
         self._stop = threading.Event()
         self._greenlet = None
         if interruptible and gevent_active():
@@ -49,15 +53,24 @@ class Pump:
             self._thread = threading.Thread(target=self._run, daemon=True, name="sse-pump")
             self._thread.start()
 
+    def _put(self, item: tuple[str, Any]) -> bool:
+        """Wait for room, but never past `close`: the reader may be gone for good."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _run(self) -> None:
         try:
             for chunk in self._chunks:
-                self._queue.put(("chunk", chunk))
-                if self._stop.is_set():
+                if not self._put(("chunk", chunk)):
                     break
-            self._queue.put(("end", None))
+            self._put(("end", None))
         except Exception as exc:
-            self._queue.put(("error", exc))
+            self._put(("error", exc))
         finally:
             close = getattr(self._chunks, "close", None)
             if close is not None:
