@@ -2,12 +2,13 @@
 
     authenticate -> rate limit          (require_scopes, on the view, before validation)
     -> validate                         (flask-smorest schemas, on the view)
-    -> policy                           (model limits: max tokens, input size, context length)
+    -> route                            (name or alias -> registry version, canary sticky per user;
+                                         first, because policy judges the model actually served)
+    -> policy                           (tenant policy: models, tokens, size, PII; model limits)
     -> quota reserve                    (atomic; settled to actual usage, released on failure)
-    -> route                            (model name or alias -> loaded runtime)
     -> backend                          (local model in an OS thread, or upstream I/O on the hub)
     -> respond                          (JSON, or an SSE stream)
-    -> settle                           (quota and metrics, however the call ended)
+    -> settle                           (quota, drift, audit and metrics, however the call ended)
 
 The functions take the principal explicitly so fan-out can run them on other greenlets.
 """
