@@ -155,18 +155,21 @@ class GatedEmbedder(Backend):
     cpu_bound = False
     thread_safe = True
     gate = threading.Event()
+    entered = threading.Event()
 
     def embed(self, texts: list[str], dimensions: int | None = None) -> EmbeddingResult:
+        self.entered.set()
         self.gate.wait(10)
         return EmbeddingResult(vectors=np.ones((len(texts), 2), dtype=np.float32), prompt_tokens=len(texts))
 
 
 def test_batched_embeddings_are_bounded_like_every_other_model():
     """One batch forming plus `max_queue` may wait; past that, or past queue_timeout_s, it's 503."""
-    limits = {"max_concurrency": 1, "max_queue": 1, "max_batch_size": 2, "queue_timeout_s": 0.5}
+    limits = {"max_concurrency": 1, "max_queue": 1, "max_batch_size": 2, "queue_timeout_s": 1.0}
     runtime = ModelRuntime(ModelSpec(name="e", version="1", backend="test_gated_embedder", limits=limits))
     runtime.load()
     GatedEmbedder.gate.clear()
+    GatedEmbedder.entered.clear()
     results: list[object] = []
 
     def call() -> None:
@@ -177,11 +180,14 @@ def test_batched_embeddings_are_bounded_like_every_other_model():
 
     running = threading.Thread(target=call)  # its batch holds the only slot until the gate opens
     running.start()
-    time.sleep(0.1)
+    assert GatedEmbedder.entered.wait(5)
     waiting = [threading.Thread(target=call) for _ in range(3)]  # max_queue + max_batch_size
     for thread in waiting:
         thread.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while len(runtime.batcher._pending) < 3:  # all three queued behind the running batch
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     with pytest.raises(APIError) as info:
         runtime.embed(["one too many"], None)
     assert info.value.status == 503 and info.value.code == "model_overloaded"

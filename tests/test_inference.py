@@ -501,7 +501,7 @@ def test_fanout_deadline(gateway, simulator):
         resp = post(gateway, "/v1/fanout", {"calls": calls, "deadline_ms": 400})
         assert resp.status_code == 200, resp.text
         assert [r["status"] for r in resp.json()["results"]] == ["deadline_exceeded"] * 3
-        assert time.monotonic() - started < 1.2
+        assert time.monotonic() - started < 2.0  # 400 ms, with room for a loaded machine
     finally:
         simulator.reset()
 

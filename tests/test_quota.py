@@ -333,8 +333,12 @@ def quota_server(postgres_url: str, redis_url: str) -> Iterator[tuple[QuotaServe
 
 def race(gateway: QuotaServer, tenant: str) -> tuple[str, int, list[requests.Response]]:
     """100 chats at once against a quota that fits 30: (tenant id, quota, admitted responses)."""
-    # A remote model can't count its prompt, so each call reserves its bound plus max_tokens.
-    token_quota = FITS * (token_bound(["hi"]) + MAX_TOKENS)
+    # What one call really costs (the simulator's prompt count plus max_tokens), measured on a
+    # tenant of its own. A call reserves more (the model can't count its prompt, so the bound);
+    # what it doesn't use comes back and may admit a later call, but never a 31st.
+    _, probe_key = gateway.tenant(f"{tenant}-probe", 10**9)
+    cost = gateway.chat(probe_key).json()["usage"]["total_tokens"]
+    token_quota = FITS * cost
     tenant_id, key = gateway.tenant(tenant, token_quota)
     start = threading.Barrier(100)
 
