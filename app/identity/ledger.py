@@ -4,7 +4,7 @@ One UPDATE per request on one row per tenant would serialise all of a tenant's r
 that row's lock, each holding a pooled connection while it waits: at a few hundred requests a
 second the pool runs dry and latency follows (the spend-log bottleneck other gateways have).
 So each worker sums settled tokens in memory and adds them with one upsert per tenant and period
-about once a second (`LEDGER_FLUSH_INTERVAL_S`), and on shutdown.
+about once a second (USAGE_LEDGER_FLUSH_INTERVAL), and on shutdown.
 
 What this costs: a worker killed without a graceful stop loses at most that second of ledger
 increments. Redis still counts them, so quotas hold; the ledger is only read to rebuild a counter

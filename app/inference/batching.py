@@ -68,10 +68,10 @@ class AdaptiveBatcher:
             self._cond.notify()
         if not item.done.wait(self.runtime.queue_timeout_s):
             with self._cond:
-                waiting = any(queued is item for _, queued in self._pending)
-                if waiting:
-                    self._pending = deque(entry for entry in self._pending if entry[1] is not item)
-            if waiting:
+                entry = next((e for e in self._pending if e[1] is item), None)
+                if entry is not None:
+                    self._pending.remove(entry)
+            if entry is not None:
                 raise self.runtime._overloaded()
             item.done.wait()  # already in a running batch: its answer is moments away
         if item.error is not None:
