@@ -262,17 +262,17 @@ def test_kill_the_database_requests_go_on_and_no_record_is_lost_or_duplicated(
     env = gateway_env(tmp_path, via_proxy, simulator, redis_url)
     spool = tmp_path / "instance" / "audit-spool"
     with support.GunicornServer(env, workers=2, ready_path="/readyz") as server:
-        # Both workers must have verified the key (cached) before the database goes away.
+        # Both workers must have verified the key (cached) before the database goes away. Which
+        # worker accepts a connection is the kernel's choice, so send one request at a time on
+        # fresh connections until each worker has served one (bounded; an idle worker waiting in
+        # accept takes the next connection while the busy one finishes its last).
         warmup: list[str] = []
-        for _ in range(20):
-            with ThreadPoolExecutor(20) as pool:
-                warmup += [
-                    rid
-                    for _, rid in pool.map(lambda i: send(requests.Session(), server.url, key, 0), range(20))
-                ]
+        for _ in range(300):
+            with requests.Session() as fresh:
+                warmup.append(send(fresh, server.url, key, 0)[1])
             if len(_workers_seen(server)) == 2:
                 break
-        assert len(_workers_seen(server)) == 2
+        assert len(_workers_seen(server)) == 2, f"one worker served all {len(warmup)} warm-up requests"
 
         with Load(server.url, key, threads=4) as load:
             time.sleep(1.5)

@@ -3,7 +3,6 @@ gunicorn workers, and both Redis-down policies (RATELIMIT_FAIL_OPEN)."""
 
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -98,18 +97,13 @@ def test_limits_work_without_redis(monkeypatch, database_url):
 # --- real gunicorn ------------------------------------------------------------------------------
 
 
-def _requests_by_pid(log: str, request_id_prefix: str) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for line in log.splitlines():
-        if '"event": "request"' in line:
-            entry = json.loads(line)
-            if str(entry.get("request_id", "")).startswith(request_id_prefix):
-                counts[entry["pid"]] = counts.get(entry["pid"], 0) + 1
-    return counts
-
-
 @pytest.mark.server
-def test_exactly_the_limit_is_admitted_across_two_workers(app, sqlite_url, redis_url):
+def test_exactly_the_limit_is_admitted_across_two_instances(app, sqlite_url, redis_url):
+    """Two gunicorn instances (separate processes, as two workers or two machines are) share one
+    Redis window: of 200 concurrent requests, 100 sent to each, exactly 50 are admitted.
+
+    Each instance is driven explicitly, so the test never depends on which worker the kernel
+    hands a connection to; both are seen to serve because each one answered its own half."""
     world = seed(app)
     with app.app_context():
         tenant = db.session.get(Tenant, world.a_tenant)
@@ -119,18 +113,20 @@ def test_exactly_the_limit_is_admitted_across_two_workers(app, sqlite_url, redis
     start = threading.Barrier(200)
 
     def call(i: int) -> requests.Response:
+        url = (first if i % 2 else second).url
         with requests.Session() as session:
             start.wait()
             return session.get(
-                server.url + "/v1/auth/me",
+                url + "/v1/auth/me",
                 headers={**bearer(key), "Connection": "close", "X-Request-ID": f"burst-{i}"},
                 timeout=60,
             )
 
-    with GunicornServer({"DATABASE_URL": sqlite_url, "REDIS_URL": redis_url}, workers=2) as server:
+    env = {"DATABASE_URL": sqlite_url, "REDIS_URL": redis_url}
+    with GunicornServer(env, workers=1) as first, GunicornServer(env, workers=1) as second:
         with ThreadPoolExecutor(200) as pool:
             responses = list(pool.map(call, range(200)))
-        log = server.log()
+        logs = first.log() + second.log()
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 50 and statuses.count(429) == 150, statuses
     admitted = [int(r.headers["X-RateLimit-Remaining"]) for r in responses if r.status_code == 200]
@@ -138,9 +134,7 @@ def test_exactly_the_limit_is_admitted_across_two_workers(app, sqlite_url, redis
     for refused in (r for r in responses if r.status_code == 429):
         assert refused.headers["X-RateLimit-Remaining"] == "0" and int(refused.headers["Retry-After"]) > 0
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-    served = _requests_by_pid(log, "burst-")
-    assert len(served) == 2 and sum(served.values()) == 200, served
-    assert "Traceback" not in log and '"level": "error"' not in log
+    assert "Traceback" not in logs and '"level": "error"' not in logs
 
 
 @pytest.mark.server

@@ -234,7 +234,9 @@ def test_registry_errors(client, keys):
 
 
 @pytest.mark.server
-def test_rollback_reaches_both_workers_within_two_seconds(sqlite_template, redis_url, tmp_path):
+def test_rollback_reaches_every_instance_within_two_seconds(sqlite_template, redis_url, tmp_path):
+    """Promoted and rolled back through one instance; the other serves each change within 2 s
+    (REGISTRY_POLL is 1 s). Two instances, each driven explicitly, stand for any two workers."""
     catalogue = tmp_path / "models.yaml"
     catalogue.write_text(CATALOGUE)
     db_url = support.copy_sqlite(sqlite_template, tmp_path / "gw.db")
@@ -246,9 +248,12 @@ def test_rollback_reaches_both_workers_within_two_seconds(sqlite_template, redis
         "MODELS_CONFIG": str(catalogue),
         "MODELS_DIR": str(tmp_path),
     }
-    with support.GunicornServer(env, workers=2, ready_path="/readyz") as server:
+    with (
+        support.GunicornServer(env, workers=1, ready_path="/readyz") as first,
+        support.GunicornServer(env, workers=1, ready_path="/readyz") as second,
+    ):
 
-        def versions(n: int = 60) -> tuple[set[str], set[int]]:
+        def versions(server: support.GunicornServer, n: int = 30) -> set[str]:
             def one(i: int) -> str:
                 with requests.Session() as s:
                     resp = s.post(
@@ -260,9 +265,9 @@ def test_rollback_reaches_both_workers_within_two_seconds(sqlite_template, redis
                     return resp.headers["X-Model-Version"]
 
             with ThreadPoolExecutor(12) as pool:
-                return set(pool.map(one, range(n))), set()
+                return set(pool.map(one, range(n)))
 
-        base = server.url + "/v1/governance/models/sentiment"
+        base = first.url + "/v1/governance/models/sentiment"
         assert (
             requests.post(
                 base + "/versions", json={"version": "2", "backend": "vader"}, headers=admin, timeout=10
@@ -274,16 +279,9 @@ def test_rollback_reaches_both_workers_within_two_seconds(sqlite_template, redis
         )
         requests.post(base + "/promote", headers=admin, timeout=10)
         time.sleep(2.0)
-        assert versions()[0] == {"sentiment/2"}
-        log_mark = len(server.log().splitlines())
+        assert versions(first) == versions(second) == {"sentiment/2"}
         rolled_at = time.monotonic()
         assert requests.post(base + "/rollback", headers=admin, timeout=10).status_code == 200
         time.sleep(max(0.0, rolled_at + 2.0 - time.monotonic()))
-        assert versions()[0] == {"sentiment/1"}, "a worker still served the rolled-back version after 2 s"
-        pids = {
-            entry["pid"]
-            for line in server.log().splitlines()[log_mark:]
-            if '"event": "request"' in line
-            and (entry := json.loads(line))["path"] == "/v2/models/sentiment/infer"
-        }
-        assert len(pids) == 2, "both workers must have served after the rollback"
+        assert versions(second) == {"sentiment/1"}, "the other instance still served the rolled-back version"
+        assert versions(first) == {"sentiment/1"}

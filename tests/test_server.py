@@ -54,7 +54,13 @@ def _seed_stale_samples(directory: Path) -> None:
 
 
 def test_gunicorn_two_gevent_workers(sqlite_url, redis_url):
-    server = GunicornServer({"DATABASE_URL": sqlite_url, "REDIS_URL": redis_url}, workers=2)
+    """/metrics sums every worker's samples, those of workers since recycled included.
+
+    MAX_REQUESTS=50 makes the test deterministic: whichever worker the kernel hands each
+    connection to, no worker lives past about 50 requests, so 400 requests are served by
+    several processes (the pigeonhole principle, not the scheduler's luck)."""
+    env = {"DATABASE_URL": sqlite_url, "REDIS_URL": redis_url, "MAX_REQUESTS": "50"}
+    server = GunicornServer(env, workers=2)
     _seed_stale_samples(Path(server.env["PROMETHEUS_MULTIPROC_DIR"]))
     with server:
         assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
@@ -62,7 +68,7 @@ def test_gunicorn_two_gevent_workers(sqlite_url, redis_url):
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
         validate(requests.get(server.url + "/openapi.json", timeout=10).json())
 
-        # Many short-lived connections at once, so both workers accept some.
+        # Many short-lived connections at once.
         def hit(_: int) -> int:
             with requests.Session() as s:
                 return s.get(server.url + "/healthz", headers={"Connection": "close"}, timeout=10).status_code
@@ -74,9 +80,10 @@ def test_gunicorn_two_gevent_workers(sqlite_url, redis_url):
         metrics = requests.get(server.url + "/metrics", timeout=10)
         assert metrics.status_code == 200
         served = _served_by(server.log())
-        assert len(served) == 2, f"expected both workers to serve, got {served}"
-        # /metrics aggregates every worker's samples: the readiness-probe polls plus our 400, and
-        # none of the stale run's 1,000 (the directory is wiped at start).
+        # Each worker lifetime serves about 50 (plus what it had accepted when told to stop).
+        assert len(served) >= 3, f"expected recycled workers to have served, got {served}"
+        # /metrics aggregates every worker's samples, live and recycled: the readiness-probe polls
+        # plus our 400, and none of the stale run's 1,000 (the directory is wiped at start).
         total = _metric_total(metrics.text, "/healthz")
         assert total == sum(served.values()) and total >= 400
         # Summed over live workers; the only request in flight is this scrape.
