@@ -67,7 +67,9 @@ def burst(server: GunicornServer, token: str) -> set[int]:
 
 
 def codes(server: GunicornServer, token: str) -> set[str]:
-    return {requests.get(server.url + "/v1/auth/me", headers=bearer(token), timeout=30).json()["error"]["code"]}
+    return {
+        requests.get(server.url + "/v1/auth/me", headers=bearer(token), timeout=30).json()["error"]["code"]
+    }
 
 
 def test_revoked_jwt_is_refused_by_every_instance(served: Pair):
@@ -82,7 +84,9 @@ def test_revoked_jwt_is_refused_by_every_instance(served: Pair):
 
     assert burst(second, access) == burst(first, access) == {401}
     assert codes(second, access) == {"token_revoked"}
-    refresh = requests.post(second.url + "/v1/auth/refresh", headers=bearer(tokens["refresh_token"]), timeout=30)
+    refresh = requests.post(
+        second.url + "/v1/auth/refresh", headers=bearer(tokens["refresh_token"]), timeout=30
+    )
     assert refresh.status_code == 401 and refresh.json()["error"]["code"] == "token_revoked"
 
 
