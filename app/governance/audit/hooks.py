@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from flask import Flask, Response, current_app, g, has_request_context, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.governance.audit.records import SAFE_FORM_FIELDS, Pending
 from app.governance.audit.writer import AuditWriter
@@ -101,6 +102,24 @@ def open_record() -> None:
     g.audit_context = AuditContext(kind=kind, ts=utcnow(), started=time.perf_counter())
 
 
+def _request_body() -> bytes:
+    """The body to hash, or nothing when it was refused as too large: reading it again would
+    raise RequestEntityTooLarge inside this hook and turn the client's JSON 413 into a 500."""
+    try:
+        return request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        return b""
+
+
+def _safe_form() -> dict[str, str]:
+    if request.mimetype != "application/x-www-form-urlencoded":
+        return {}
+    try:
+        return {k: request.form[k] for k in SAFE_FORM_FIELDS if k in request.form}
+    except RequestEntityTooLarge:
+        return {}
+
+
 def close_record(response: Response) -> Response:
     context: AuditContext | None = g.get("audit_context")
     if context is None:
@@ -122,11 +141,9 @@ def close_record(response: Response) -> Response:
         details=context.details,
         view_args=dict(request.view_args or {}),
         served_model=g.get("served_model"),
-        request_body=request.get_data(cache=True) if context.kind == "inference" else b"",
+        request_body=_request_body() if context.kind == "inference" else b"",
         response_body=b"" if response.is_streamed or not response.is_json else response.get_data(),
-        form={k: request.form[k] for k in SAFE_FORM_FIELDS if k in request.form}
-        if context.kind == "admin" and request.mimetype == "application/x-www-form-urlencoded"
-        else {},
+        form=_safe_form() if context.kind == "admin" else {},
     )
     audit = writer()
 
