@@ -144,4 +144,7 @@ def test_oversized_body_is_a_json_413_on_every_route(app, client):
             assert resp.status_code in (400, 401)
             assert_error(resp, resp.status_code)
             continue
+        if rule.arguments and resp.status_code == 404:
+            assert_error(resp, 404)  # the resource "x" is looked up before its body is read
+            continue
         assert_error(resp, 413, "request_too_large")
