@@ -69,7 +69,11 @@ def on_starting(server):
         sys.stderr.write(f"configuration error: {exc}\n")
         sys.exit(2)
     shutil.rmtree(_metrics_dir, ignore_errors=True)
-    os.makedirs(_metrics_dir, exist_ok=True)
+    try:
+        os.makedirs(_metrics_dir, exist_ok=True)
+    except OSError as exc:
+        sys.stderr.write(f"configuration error: PROMETHEUS_MULTIPROC_DIR: cannot create {_metrics_dir}: {exc}\n")
+        sys.exit(2)
 
 
 def post_worker_init(worker):

@@ -187,6 +187,46 @@ def test_flask_cli_fails_fast_with_one_line():
     assert "Traceback" not in proc.stderr
 
 
+def test_flask_cli_creates_a_missing_metrics_directory(tmp_path):
+    """A PROMETHEUS_MULTIPROC_DIR that does not exist yet used to kill every `flask` command
+    (`flask db upgrade` included) with a FileNotFoundError traceback."""
+    missing = tmp_path / "not" / "yet"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/tmp",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'gw.db'}",
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "PROMETHEUS_MULTIPROC_DIR": str(missing),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert missing.is_dir() and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["-m", "flask", "--app", "wsgi", "db", "current"], ["-m", "gunicorn"]])
+def test_an_uncreatable_metrics_directory_fails_with_one_line(command, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PROMETHEUS_MULTIPROC_DIR": str(blocker / "prom")}
+    if command[1] == "gunicorn":
+        command = [*command, "-c", str(ROOT / "gunicorn.conf.py")]
+        env["BIND"] = "127.0.0.1:0"
+    proc = subprocess.run(
+        [sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"configuration error: PROMETHEUS_MULTIPROC_DIR: cannot create {blocker / 'prom'}")
+    assert "Traceback" not in proc.stderr
+
+
 def test_make_migrate_on_a_fresh_instance(tmp_path):
     """`make run`'s first step, in the environment make gives it (no metrics directory yet)."""
     env = {
