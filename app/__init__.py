@@ -53,7 +53,7 @@ def configure(app: Flask, settings: Mapping[str, object]) -> None:
 
 
 def register_extensions(app: Flask) -> None:
-    from app import health, identity, observability
+    from app import docs, health, identity, observability
     from app.extensions import api, db, jwt, limiter, metrics, migrate, redis_store
     from app.governance import audit, drift
     from app.inference import catalogue
@@ -72,6 +72,7 @@ def register_extensions(app: Flask) -> None:
     )
     api.spec.components.security_scheme("oauth2", identity.oauth2_scheme())
     health.init_app(app)
+    docs.init_app(app)
     identity.init_app(app)
     catalogue.init_app(app)
     drift.init_app(app)

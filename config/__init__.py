@@ -149,9 +149,10 @@ class BaseConfig:
     OPENAPI_URL_PREFIX = "/"
     OPENAPI_JSON_PATH = "openapi.json"
     OPENAPI_SWAGGER_UI_PATH = "/docs"
-    OPENAPI_SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
+    # Served by app/docs from our own origin, so the pages render without internet.
+    OPENAPI_SWAGGER_UI_URL = "/docs/assets/swagger-ui/"
     OPENAPI_REDOC_PATH = "/redoc"
-    OPENAPI_REDOC_URL = "https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js"
+    OPENAPI_REDOC_URL = "/docs/assets/redoc/redoc.standalone.js"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> dict[str, object]:
