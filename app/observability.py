@@ -17,6 +17,8 @@ import structlog
 from flask import Flask, Response, g, has_request_context, request
 from prometheus_client import Gauge
 
+from app import tracing
+
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -40,15 +42,19 @@ def request_id() -> str | None:
 
 
 def outgoing_headers() -> dict[str, str]:
-    """Headers every upstream call carries, so one id traces a request across services."""
+    """Headers every upstream call carries, so one id traces a request across services:
+    X-Request-ID always, W3C `traceparent` when tracing is on."""
     rid = request_id()
-    return {REQUEST_ID_HEADER: rid} if rid else {}
+    headers = {REQUEST_ID_HEADER: rid} if rid else {}
+    tracing.inject(headers)
+    return headers
 
 
 def configure_logging(fmt: str, level: str) -> None:
     """structlog for our lines, and the same renderer for stdlib loggers (gunicorn, alembic)."""
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        tracing.add_trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         lambda _, __, event: {**event, "pid": os.getpid()},
@@ -95,6 +101,7 @@ def _finish_request(response: Response) -> Response:
         "status": response.status_code,
         "tenant": g.get("tenant"),
         "stream": response.is_streamed,
+        **tracing.current_ids(),  # the access line is written after the request's span has ended
     }
     logger = structlog.get_logger("gateway.access")
 

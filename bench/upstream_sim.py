@@ -219,6 +219,7 @@ class Stats:
     connections_total: int = 0
     max_in_flight: int = 0
     request_ids: deque[str] = dataclasses.field(default_factory=lambda: deque(maxlen=REQUEST_ID_HISTORY))
+    traceparents: deque[str] = dataclasses.field(default_factory=lambda: deque(maxlen=REQUEST_ID_HISTORY))
 
 
 class _CountingServer(web.Server):
@@ -334,6 +335,9 @@ class UpstreamSim:
         request_id = request.headers.get("X-Request-ID")
         if request_id is not None:
             stats.request_ids.append(request_id)
+        traceparent = request.headers.get("traceparent")
+        if traceparent is not None:
+            stats.traceparents.append(traceparent)
 
     def _resolve(self, request: web.BaseRequest) -> tuple[Knobs, str]:
         """Apply X-Sim-* header overrides and pick this request's fault ("none" when healthy)."""
@@ -591,6 +595,7 @@ class UpstreamSim:
             "open_connections": len(self.server.connections) - 1,
             "connections_total": stats.connections_total,
             "request_ids": list(stats.request_ids),
+            "traceparents": list(stats.traceparents),
         }
 
 

@@ -177,6 +177,7 @@ class BaseConfig:
         cfg["WEB_CONCURRENCY"] = _int(env, "WEB_CONCURRENCY", cls.WEB_CONCURRENCY, 1)
         cfg["WORKER_CONNECTIONS"] = _int(env, "WORKER_CONNECTIONS", cls.WORKER_CONNECTIONS, 1)
         cfg["DB_MAX_CONNECTIONS"] = _int(env, "DB_MAX_CONNECTIONS", cls.DB_MAX_CONNECTIONS, 1)
+        cfg["TRACING_ENABLED"], cfg["OTEL_TRACES_EXPORTER"] = _tracing(env)
         cfg["LOG_FORMAT"] = env.get("LOG_FORMAT") or cls.LOG_FORMAT
         if cfg["LOG_FORMAT"] not in {"json", "console"}:
             raise ConfigError("LOG_FORMAT", f"must be json or console, got {cfg['LOG_FORMAT']!r}")
@@ -231,6 +232,20 @@ class BaseConfig:
                 "required when WEB_CONCURRENCY>1: rate limits, quotas and token revocation "
                 "must be shared by all workers",
             )
+
+
+def _tracing(env: Mapping[str, str]) -> tuple[bool, str]:
+    """OpenTelemetry's own variables decide, as the SDK reads them: on when an exporter is named
+    (`OTEL_TRACES_EXPORTER=otlp|console`) or an OTLP endpoint is set; `OTEL_SDK_DISABLED=true` wins."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False, "none"
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not exporter:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        return (True, "otlp") if endpoint else (False, "none")
+    if exporter not in {"otlp", "console", "none"}:
+        raise ConfigError("OTEL_TRACES_EXPORTER", f"must be otlp, console or none, got {exporter!r}")
+    return exporter != "none", exporter
 
 
 def engine_options(url: str, worker_connections: int, max_connections: int) -> dict[str, object]:

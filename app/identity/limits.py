@@ -25,6 +25,7 @@ from flask import current_app, g
 from flask_limiter.util import get_remote_address
 from redis.exceptions import RedisError
 
+from app import tracing
 from app.errors import APIError
 from app.extensions import limiter
 from app.identity.accounts import tenant_settings
@@ -69,6 +70,7 @@ def _enforce_token_endpoint_limit() -> None:
     """Empty, as above; keyed by client address because the caller is not authenticated yet."""
 
 
+@tracing.step("rate_limit")
 def check() -> None:
     """Count this request against its tenant's and its credential's limits; 429 when over.
 

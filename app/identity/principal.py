@@ -18,6 +18,7 @@ import structlog
 from flask import g, request
 from flask_smorest import Blueprint
 
+from app import tracing
 from app.errors import APIError
 from app.identity import limits, tokens
 from app.identity import scopes as sc
@@ -51,6 +52,7 @@ class Principal:
         return sc.satisfies(self.scopes, required)
 
 
+@tracing.step("auth")
 def authenticate() -> Principal:
     """The caller's Principal, once per request; also sets `g.principal` and `g.tenant`."""
     principal = g.get("principal")

@@ -34,6 +34,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
+from app import tracing
 from app.errors import APIError
 from app.extensions import db
 from app.identity.accounts import tenant_settings
@@ -197,6 +198,7 @@ class Reservation:
             log.warning("quota_adjust_failed", tenant=self.tenant_id, error=str(exc))
 
 
+@tracing.step("quota")
 def reserve(principal: Principal, tokens: int) -> Reservation:
     """Hold `tokens` of the principal's tenant quota for this period, or raise 429 `insufficient_quota`."""
     if tokens < 0:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from app import tracing
 from app.errors import APIError
 from app.inference import metrics
 from app.inference.backends import Backend, ModelSpec, backend_class
@@ -155,6 +156,7 @@ class ModelRuntime:
         return result
 
     # operations --------------------------------------------------------------------------
+    @tracing.step("backend")
     def chat(self, request: ChatRequest) -> ChatResult:
         with self.slot() as instance:
             result: ChatResult = self._call("chat", instance.chat, request)
@@ -176,6 +178,7 @@ class ModelRuntime:
             raise
         return self._stream(slot, chunks)
 
+    @tracing.step("backend")
     def _stream(self, slot: Any, chunks: Iterator[ChatChunk]) -> Iterator[ChatChunk]:
         started = time.perf_counter()
         iterator = iterate_in_thread(chunks) if self.cpu_bound else chunks
@@ -196,6 +199,7 @@ class ModelRuntime:
             )
             slot.__exit__(None, None, None)
 
+    @tracing.step("backend")
     def embed(self, texts: list[str], dimensions: int | None) -> EmbeddingResult:
         if self.batcher is not None:
             result = self.batcher.submit(texts, dimensions)
@@ -206,6 +210,7 @@ class ModelRuntime:
         self._count_tokens(result.prompt_tokens, 0)
         return result
 
+    @tracing.step("backend")
     def infer(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
         with self.slot() as instance:
             return self._call("infer", instance.infer, inputs, parameters)

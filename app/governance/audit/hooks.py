@@ -17,6 +17,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g, has_request_context, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from app import tracing
 from app.governance.audit.records import SAFE_FORM_FIELDS, Pending
 from app.governance.audit.writer import AuditWriter
 from app.identity.models import utcnow
@@ -120,6 +121,7 @@ def _safe_form() -> dict[str, str]:
         return {}
 
 
+@tracing.step("audit")
 def close_record(response: Response) -> Response:
     context: AuditContext | None = g.get("audit_context")
     if context is None:

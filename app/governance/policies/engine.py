@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from flask import current_app, has_app_context
 
+from app import tracing
 from app.errors import APIError
 from app.governance.policies.detectors import MAX_ENTITY_CHARS, Span, find_pii, growing_tail, redact
 from app.governance.policies.rules import EffectivePolicy
@@ -145,6 +146,7 @@ def _with_prefix(messages: list[dict[str, str]], prefix: str) -> list[dict[str, 
     return [{"role": "system", "content": prefix}, *messages]
 
 
+@tracing.step("policy")
 def check_chat(
     principal: Principal, model: str, messages: list[dict[str, str]], max_tokens: int | None
 ) -> Decision:
@@ -179,6 +181,7 @@ def check_chat(
     )
 
 
+@tracing.step("policy")
 def check_texts(principal: Principal, model: str, texts: list[str]) -> Decision:
     """The policy step of embeddings and v2 BYTES inputs (param "input"); no max_tokens, no prefix."""
     policy = effective_policy(principal.tenant_id)

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import structlog
 
+from app import tracing
 from app.errors import APIError
 from app.inference.backends.base import (
     Backend,
@@ -446,6 +447,7 @@ class OpenAICompatibleBackend(Backend):
         """Later entries win: geventhttpclient merges header names case-insensitively, in order."""
         headers = outgoing_headers()
         headers.update((k, str(v)) for k, v in extra.items() if k.lower() not in NOT_FORWARDED)
+        tracing.inject(headers)  # the span current now (the backend call's), not the request's
         if request_id:
             headers["X-Request-ID"] = request_id
         headers.update(self._fixed_headers)
