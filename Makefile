@@ -15,10 +15,11 @@ install: $(STAMP)
 
 # llama.cpp is built portable: a native (-march=native) build crashes with a general
 # protection fault on these machines. torch==2.13.0 resolves to the CPU wheel on disk.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/existing_app/faq_backend/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -e examples/existing_app/faq_backend
 	touch $@
 
 migrate: $(STAMP)

@@ -11,7 +11,7 @@ from typing import Any
 
 import marshmallow as ma
 import structlog
-from flask import Flask, Response, jsonify
+from flask import Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 from app.observability import request_id
@@ -197,13 +197,10 @@ def _jwt_error(status: int, code: str):
     return loader
 
 
-def register_errorhandlers(app: Flask) -> None:
-    """flask-smorest's Api already routes HTTPException here; add the rest and JWT's 422s."""
+def register_jwt_errors() -> None:
+    """flask-jwt-extended answers its own errors (422 for a malformed token): ours are 401s."""
     from app.extensions import jwt
 
-    app.register_error_handler(APIError, handle_api_error)
-    app.register_error_handler(HTTPException, handle_http_exception)
-    app.register_error_handler(Exception, handle_unexpected)
     jwt.expired_token_loader(_jwt_error(401, "token_expired"))
     jwt.invalid_token_loader(_jwt_error(401, "invalid_token"))
     jwt.unauthorized_loader(_jwt_error(401, "missing_token"))

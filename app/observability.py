@@ -127,6 +127,7 @@ def _fix_retry_after(response: Response) -> None:
 
 
 def init_app(app: Flask) -> None:
-    configure_logging(str(app.config["LOG_FORMAT"]), str(app.config["LOG_LEVEL"]))
+    if app.config.get("GATEWAY_CONFIGURE_LOGGING", True):  # a host app keeps its own logging
+        configure_logging(str(app.config["LOG_FORMAT"]), str(app.config["LOG_LEVEL"]))
     app.before_request(_begin_request)
     app.after_request(_finish_request)

@@ -36,7 +36,7 @@ DOCS_CSP = (
     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 
-blp = Blueprint("docs_assets", __name__, url_prefix="/docs/assets")
+blp = Blueprint("docs_assets", __name__)
 
 
 @blp.get("/swagger-ui/<path:filename>")
@@ -57,5 +57,5 @@ def _docs_csp(response: Response) -> Response:
 
 def init_app(app: Flask) -> None:
     """Serve the assets; config's OPENAPI_SWAGGER_UI_URL / OPENAPI_REDOC_URL point the pages here."""
-    app.register_blueprint(blp)
+    app.register_blueprint(blp, url_prefix=f"{app.config.get('GATEWAY_URL_PREFIX', '')}/docs/assets")
     app.after_request(_docs_csp)

@@ -14,9 +14,13 @@ from app.identity import cache, cli, models, quota, tokens  # noqa: F401  (model
 from app.identity import scopes as sc
 
 
-def oauth2_scheme() -> dict[str, object]:
+def oauth2_scheme(url_prefix: str = "") -> dict[str, object]:
     """The OpenAPI security scheme of POST /v1/auth/token: both RFC 6749 grants, every scope."""
-    flow = {"tokenUrl": "/v1/auth/token", "refreshUrl": "/v1/auth/refresh", "scopes": sc.DESCRIPTIONS}
+    flow = {
+        "tokenUrl": f"{url_prefix}/v1/auth/token",
+        "refreshUrl": f"{url_prefix}/v1/auth/refresh",
+        "scopes": sc.DESCRIPTIONS,
+    }
     return {"type": "oauth2", "flows": {"password": flow, "clientCredentials": flow}}
 
 

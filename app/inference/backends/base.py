@@ -164,7 +164,7 @@ BACKENDS: dict[str, type[Backend]] = {}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: a module in this package that defines a family registers it here."""
+    """Register a family in-process (class decorator); installed families come from entry points."""
     if not cls.family:
         raise TypeError(f"{cls.__name__} has no family name")
     BACKENDS[cls.family] = cls

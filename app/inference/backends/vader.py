@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from app.inference.backends.base import Backend, ModelSpec, TensorSpec, register_backend, text_input
+from app.inference.backends.base import Backend, ModelSpec, TensorSpec, text_input
 
 SCORES = ("neg", "neu", "pos", "compound")
 
 
-@register_backend
 class VaderBackend(Backend):
     family = "vader"
     capabilities = frozenset({"infer"})
