@@ -71,7 +71,12 @@ def test_gunicorn_two_gevent_workers(sqlite_url, redis_url):
         # Many short-lived connections at once.
         def hit(_: int) -> int:
             with requests.Session() as s:
-                return s.get(server.url + "/healthz", headers={"Connection": "close"}, timeout=10).status_code
+                # Generous: when both workers reach MAX_REQUESTS together, connections wait in the
+                # backlog while replacements boot, which takes tens of seconds on a loaded machine.
+                # What is asserted is that every request is served, not how fast.
+                return s.get(
+                    server.url + "/healthz", headers={"Connection": "close"}, timeout=120
+                ).status_code
 
         with ThreadPoolExecutor(32) as pool:
             statuses = list(pool.map(hit, range(400)))
