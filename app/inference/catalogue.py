@@ -186,6 +186,10 @@ class ModelCatalogue:
         threading.Thread(target=run, name="model-loader", daemon=True).start()
 
     # routing ------------------------------------------------------------------------------
+    def canonical(self, name: str) -> str:
+        """The registered name behind `name` (itself or an alias); an unknown name as given."""
+        return self.names.get(name, name)
+
     def _traffic(self, name: str, param: str) -> Traffic:
         self.sync()
         canonical = self.names.get(name)
