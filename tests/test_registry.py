@@ -125,7 +125,7 @@ def test_promote_then_rollback(app, client, keys):
     assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"2"}
     rollback = admin(client, keys, "POST", "rollback")
     rolled = rollback.get_json()
-    assert (rolled["active_version"], rolled["previous_version"]) == ("1", "2")
+    assert (rolled["active_version"], rolled["previous_version"]) == ("1", None)
     assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"1"}
     statuses = {v["version"]: v["status"] for v in rolled["versions"]}
     assert statuses == {"1": "active", "2": "retired"}
@@ -180,12 +180,25 @@ def test_rollback_undoes_one_step_at_a_time(client, keys):
     assert (first["active_version"], first["previous_version"], first["canary_version"]) == ("2", "1", None)
     assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(40)} == {"2"}
     second = admin(client, keys, "POST", "rollback").get_json()
-    assert (second["active_version"], second["previous_version"]) == ("1", "2")
+    assert (second["active_version"], second["previous_version"]) == ("1", None)
     assert {v["version"]: v["status"] for v in second["versions"]} == {
         "1": "active",
         "2": "retired",
         "3": "retired",
     }
+
+
+def test_a_second_rollback_never_brings_back_the_retired_version(client, keys):
+    """Promote 2, roll back to 1, roll back again: 409 no_previous, and 1 keeps all traffic."""
+    add_canary(client, keys, weight=100.0)
+    admin(client, keys, "POST", "promote")
+    admin(client, keys, "POST", "rollback")
+    again = client.post("/v1/governance/models/sentiment/rollback", headers=keys["admin"])
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "no_previous"
+    model = client.get("/v1/governance/models/sentiment", headers=keys["user"]).get_json()
+    assert (model["active_version"], model["previous_version"], model["canary_version"]) == ("1", None, None)
+    assert {v["version"]: v["status"] for v in model["versions"]} == {"1": "active", "2": "retired"}
+    assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"1"}
 
 
 def test_disable_and_enable(client, keys):

@@ -144,8 +144,14 @@ def promote_model_canary(name: str) -> dict[str, Any]:
 @require_scopes(sc.ADMIN)
 @blp.response(200, RegisteredModelSchema)
 def rollback_model(name: str) -> dict[str, Any]:
-    """Undo the latest step toward a new version: stop the canary if there is one, else return
-    to the previous active version"""
+    """Undo the latest step toward a new version, once
+
+    With a canary taking traffic, the canary stops and is retired. Otherwise, after a promote,
+    the previous version is active again and the promoted one is retired. Each rollback undoes
+    one step and clears its target: rolling back again after a promote is 409 `no_previous`,
+    never a return to the version just retired (the rollback target is kept loaded on every
+    worker so the switch is instant, and a retired version comes back only as a new version).
+    """
     return _dump(registry.rollback(name))
 
 

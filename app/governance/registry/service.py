@@ -250,13 +250,20 @@ def promote(name: str) -> RegisteredModel:
 
 
 def rollback(name: str) -> RegisteredModel:
-    """Undo the latest traffic change toward a newer version, one step per call.
+    """Undo the latest traffic change toward a newer version, one step, once.
 
     - A canary takes traffic: stop it and retire it; the active version keeps all traffic. The
       canary is always the latest such change, since promote clears it.
-    - Else, after a promote: the previous version is active again and the current one is retired.
-      It stays the previous version, so a second rollback undoes a mistaken first one.
-    - Else there is nothing to undo: 409 no_previous.
+    - Else, after a promote: the previous version is active again, the current one is retired,
+      and there is no previous version any more.
+    - Else there is nothing to undo: 409 no_previous. So a second rollback after a promote is a
+      409, never a return to the version the first one retired.
+
+    Why not step further back, to the version before the previous one: a rollback must be instant,
+    so its target is kept loaded on every worker (`snapshot` serves the previous version), and
+    keeping a whole history loaded costs a model's memory per step. And why not swap back and
+    forth: the version a rollback retires was judged bad; bringing it back must be a deliberate
+    new version (staged, canaried, promoted), not a repeated emergency button.
     """
     model = get_model(name)
     by_id = {v.id: v for v in model.versions}
@@ -267,8 +274,7 @@ def rollback(name: str) -> RegisteredModel:
         by_id[model.previous_version_id].status = "active"
         if model.active_version_id:
             by_id[model.active_version_id].status = "retired"
-        previous, model.previous_version_id = model.previous_version_id, model.active_version_id
-        model.active_version_id = previous
+        model.active_version_id, model.previous_version_id = model.previous_version_id, None
     else:
         raise APIError(
             409,
