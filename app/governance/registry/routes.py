@@ -42,10 +42,32 @@ class VersionSchema(ma.Schema):
     created_at = ma.fields.DateTime(dump_only=True)
 
 
+NAME = ma.validate.Regexp(
+    r"^[A-Za-z0-9._:-]{1,128}$", error="1 to 128 of A-Z a-z 0-9 . _ : - (got {input!r})."
+)
+
+
+def _distinct(aliases: list[str]) -> None:
+    if len(set(aliases)) != len(aliases):
+        raise ma.ValidationError("Aliases must be distinct.")
+
+
 class RegisteredModelSchema(ma.Schema):
-    name = ma.fields.String(required=True, validate=ma.validate.Regexp(r"^[A-Za-z0-9._:-]{1,128}$"))
+    name = ma.fields.String(required=True, validate=NAME)
     description = ma.fields.String(load_default="")
-    aliases = ma.fields.List(ma.fields.String(), load_default=list)
+    aliases = ma.fields.List(
+        ma.fields.String(validate=NAME),
+        load_default=list,
+        validate=_distinct,
+        metadata={"description": "Other names for the model; like names, unique across models."},
+    )
+    required = ma.fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "The instance is ready (/readyz) only once this model is loaded. "
+            "Default false: a registry addition that fails to load is reported, not fatal."
+        },
+    )
     disabled = ma.fields.Boolean(dump_only=True)
     active_version = ma.fields.String(dump_only=True, allow_none=True)
     previous_version = ma.fields.String(dump_only=True, allow_none=True)
@@ -75,6 +97,7 @@ def _dump(model: RegisteredModel) -> dict[str, Any]:
         "name": model.name,
         "description": model.description,
         "aliases": [a.alias for a in model.aliases],
+        "required": model.required,
         "disabled": model.disabled,
         "active_version": by_id.get(model.active_version_id or ""),
         "previous_version": by_id.get(model.previous_version_id or ""),
@@ -119,7 +142,11 @@ def get_registered_model(name: str) -> dict[str, Any]:
 @blp.arguments(VersionSchema)
 @blp.response(201, VersionSchema)
 def add_model_version(data: dict[str, Any], name: str) -> Any:
-    """Add a version (staged; the first version of a model becomes active)"""
+    """Add a version (staged; the first version of a model becomes active)
+
+    `params` are checked with the backend's own schema before anything is stored: a version that
+    could not load is 400 `invalid_backend_params`, naming the field (e.g. `params.base_url`).
+    """
     return registry.add_version(name, data, _actor())
 
 
