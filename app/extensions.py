@@ -7,6 +7,7 @@ gevent has patched the process (it never is: gunicorn patches before loading the
 from __future__ import annotations
 
 import os
+from datetime import datetime
 
 import structlog
 from flask import Flask, current_app
@@ -17,13 +18,19 @@ from flask_sqlalchemy import SQLAlchemy
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 from redis import Redis
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, registry
 
 from app.api import GatewayApi
+from app.timestamps import UTCDateTime
 
 
 class Base(DeclarativeBase):
-    """Declarative base shared by every model, so Alembic sees one metadata."""
+    """Declarative base shared by every model, so Alembic sees one metadata.
+
+    Every datetime column is timezone-aware UTC in Python (see app/timestamps.py).
+    """
+
+    registry = registry(type_annotation_map={datetime: UTCDateTime})
 
 
 class RedisClient:

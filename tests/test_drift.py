@@ -17,13 +17,14 @@ from app.errors import APIError
 from app.governance.drift import DriftMonitor, DriftSettings, monitor, observe_tabular, observe_texts
 from app.governance.drift.reference import References, read_texts
 from app.governance.drift.stats import chi2_homogeneity
-from app.governance.drift.window import Window
+from app.governance.drift.window import ALL_TENANTS, Window
 from app.inference import training
 from app.inference.catalogue import catalogue
 from config import ROOT
 from tests import support
 
 SKLEARN = "breast-cancer-classifier"
+TENANT = "0123456789abcdef0123456789abcdef"  # whose inputs the direct observations stand for
 SHIFTED = ("mean radius", "texture error", "worst smoothness")
 CATALOGUE = f"""
 models:
@@ -126,13 +127,13 @@ def app_env(request: pytest.FixtureRequest, models_dir, tmp_path) -> dict[str, s
     return env
 
 
-def observe_in_requests(rows: np.ndarray, seed: int = 0) -> None:
+def observe_in_requests(rows: np.ndarray, seed: int = 0, tenant: str = TENANT) -> None:
     """As the request path would: batches of 1-8 rows, one call each."""
     rng = np.random.default_rng(seed)
     start = 0
     while start < len(rows):
         size = int(rng.integers(1, 9))
-        observe_tabular(SKLEARN, "1", rows[start : start + size])
+        observe_tabular(tenant, SKLEARN, "1", rows[start : start + size])
         start += size
 
 
@@ -204,9 +205,10 @@ def test_route_end_to_end(app, client, database_url, split):
     auth = {"Authorization": f"Bearer {reader}"}
     rows = x_test.copy()
     rows[:, 0] += 2 * x_test[:, 0].std()
+    tenant = client.get("/v1/auth/me", headers=auth).get_json()["tenant_id"]
     # What the v2 infer route's request path records after a successful call.
     with app.test_request_context():
-        observe_in_requests(rows)
+        observe_in_requests(rows, tenant=tenant)
 
     resp = client.get(f"/v1/governance/models/{SKLEARN}/drift", headers=auth)
     assert resp.status_code == 200, resp.get_json()
@@ -254,16 +256,57 @@ def test_the_v2_route_observes_only_calls_that_succeeded(app, client, database_u
     assert (version["version"], version["status"], version["sample_size"]) == ("1", "insufficient_data", 40)
 
 
+def test_a_tenant_sees_only_the_drift_of_its_own_inputs(app, client, database_url, split):
+    """Through the real v2 route: B's calls move neither A's sample size nor A's statistics; the
+    platform admin sees both tenants together, or one of them, and no tenant may read another's."""
+    _, x_test = split
+    scopes = ("inference:invoke", "governance:read")
+    a = {"Authorization": f"Bearer {support.issue_key(database_url, 'tenant-a', scopes)}"}
+    b = {"Authorization": f"Bearer {support.issue_key(database_url, 'tenant-b', scopes)}"}
+    admin = {"Authorization": f"Bearer {support.issue_key(database_url, 'platform', ('admin',))}"}
+    a_id = client.get("/v1/auth/me", headers=a).get_json()["tenant_id"]
+
+    def infer(headers: dict[str, str], rows: np.ndarray) -> None:
+        tensor = {
+            "name": "input__0",
+            "shape": list(rows.shape),
+            "datatype": "FP64",
+            "data": rows.ravel().tolist(),
+        }
+        resp = client.post(f"/v2/models/{SKLEARN}/infer", headers=headers, json={"inputs": [tensor]})
+        assert resp.status_code == 200, resp.get_json()
+
+    def report(headers: dict[str, str], **query: str) -> dict:
+        resp = client.get(f"/v1/governance/models/{SKLEARN}/drift", headers=headers, query_string=query)
+        assert resp.status_code == 200, resp.get_json()
+        return resp.get_json()
+
+    infer(a, x_test[:8])
+    infer(a, x_test[8:15])
+    before = report(a)
+    assert before["versions"][0]["sample_size"] == 15
+    infer(b, x_test[15:20] * 3)  # five rows unlike A's
+    after = report(a)
+    assert after["versions"] == before["versions"]
+    assert before["tenant_id"] == after["tenant_id"] == a_id
+    assert report(b)["versions"][0]["sample_size"] == 5
+    everyone = report(admin)
+    assert everyone["tenant_id"] is None and everyone["versions"][0]["sample_size"] == 20
+    assert report(admin, tenant_id=a_id)["versions"] == before["versions"]
+    denied = client.get(f"/v1/governance/models/{SKLEARN}/drift?tenant_id={a_id}", headers=b)
+    assert denied.status_code == 403 and denied.get_json()["error"]["code"] == "cross_tenant"
+
+
 def test_periodic_refresh_updates_the_gauges(app, client, split):
     x_train, _ = split
     rows = x_train[np.random.default_rng(12345).integers(0, len(x_train), 300)]
     with app.test_request_context():
         drift = DriftMonitor(DriftSettings(interval_s=0.2), app.extensions.get("redis_client"))
-        drift.observe_rows(SKLEARN, "1", rows)
+        drift.observe_rows(TENANT, SKLEARN, "1", rows)
         expected = next(
             f["psi"] for f in drift.report(SKLEARN)["versions"][0]["features"] if f["name"] == "mean area"
         )
-        drift.observe_rows(SKLEARN, "1", rows)  # the window changes; only a refresh can publish it
+        drift.observe_rows(TENANT, SKLEARN, "1", rows)  # the window changes; only a refresh can publish it
     labels = {"model": SKLEARN, "version": "1", "feature": "mean area"}
     assert metric_value(client, "gateway_model_drift_psi", **labels) == pytest.approx(expected)
     drift.start(app)
@@ -294,7 +337,7 @@ def test_chi2_matches_scipy():
 def test_workers_share_one_redis_window(redis_url):
     clients = [Redis.from_url(redis_url, decode_responses=True) for _ in range(2)]
     first, second = (Window(100, client) for client in clients)
-    key = ("m", "1", "rows")
+    key = (ALL_TENANTS, "m", "1", "rows")
     first.append(key, np.full((60, 3), 1.0))
     second.append(key, np.full((60, 3), 2.0))
     assert len(first.read(key)) == 60  # the second worker has not flushed yet (at most 1 s)
@@ -305,7 +348,7 @@ def test_workers_share_one_redis_window(redis_url):
     assert first.observed() == {("m", "1")}
     time.sleep(1.05)
     first.append(key, np.full((1, 3), 3.0))  # due: flushed inline by the appending request
-    assert clients[1].lindex("drift:window:m:1:rows", 0) is not None
+    assert clients[1].lindex("drift:window:*:m:1:rows", 0) is not None
     assert (np.vstack(second.read(key))[0] == 3.0).all()
 
 
@@ -314,7 +357,7 @@ def test_redis_down_never_fails_the_request_path(app):
     with app.test_request_context():
         drift = DriftMonitor(DriftSettings(), unreachable)
         for _ in range(3):
-            drift.observe_rows(SKLEARN, "1", np.ones((2, 30)))
+            drift.observe_rows(TENANT, SKLEARN, "1", np.ones((2, 30)))
             drift.window.flush()
         with pytest.raises(APIError) as raised:
             drift.report(SKLEARN)
@@ -362,7 +405,13 @@ def clear_shared_windows(application, model: str) -> None:
     """Each text test starts from an empty window; in Redis the module's earlier tests left theirs."""
     redis = application.extensions.get("redis_client")
     if redis is not None:
-        redis.delete(*(f"drift:window:{model}:1:{series}" for series in ("lengths", "embeddings")))
+        redis.delete(
+            *(
+                f"drift:window:{scope}:{model}:1:{series}"
+                for scope in (ALL_TENANTS, TENANT)
+                for series in ("lengths", "embeddings")
+            )
+        )
 
 
 def text_report(text_app, model: str, texts: list[str], embed: bool) -> dict:
@@ -375,7 +424,7 @@ def text_report(text_app, model: str, texts: list[str], embed: bool) -> dict:
     for start in range(0, len(texts), 8):
         batch = texts[start : start + 8]
         drift.observe_texts(
-            model, "1", batch, _embeddings[tuple(texts)][start : start + 8] if embed else None
+            TENANT, model, "1", batch, _embeddings[tuple(texts)][start : start + 8] if embed else None
         )
     (version,) = drift.report(model)["versions"]
     assert version["kind"] == "text" and version["status"] == "ok"
@@ -418,6 +467,6 @@ def test_public_observe_texts_feeds_the_apps_window(text_app, reference_lines):
     application, _, _ = text_app
     clear_shared_windows(application, "vader")
     with application.test_request_context():
-        observe_texts("vader", "1", reference_lines[1][:10], None)
+        observe_texts(TENANT, "vader", "1", reference_lines[1][:10], None)
         (version,) = monitor().report("vader")["versions"]
     assert version["status"] == "insufficient_data" and version["sample_size"] == 10

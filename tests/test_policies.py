@@ -411,6 +411,7 @@ class RecordingBackend(Backend):
 CATALOGUE = """
 models:
   - name: recorder
+    aliases: [rec]
     backend: test_policy_recording
   - name: other
     backend: test_policy_recording
@@ -457,6 +458,23 @@ def test_blocked_requests_never_reach_the_model(client, world, calls):
     assert calls == []
     assert chat(client, key, "order 4111 1111 1111 1112 please").status_code == 200  # a near-miss
     assert len(calls) == 1
+
+
+def test_allowed_models_match_aliases_both_ways(client, world, calls):
+    """A policy listing an alias admits the canonical name, and one listing the canonical name
+    admits the alias; a model listed under neither stays refused."""
+
+    def call(model: str):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        return client.post("/v1/chat/completions", headers=bearer(world.a_inference_key), json=body)
+
+    for listed in (["rec"], ["recorder"]):
+        set_policy(client, world.a_key, {"allowed_models": listed})
+        for requested in ("recorder", "rec"):
+            resp = call(requested)
+            assert resp.status_code == 200, (listed, requested, resp.get_json())
+        assert_error(call("other"), 403, "model_not_allowed")
+    assert len(calls) == 4
 
 
 def test_the_model_sees_redacted_input_and_the_system_prefix(client, world, calls):

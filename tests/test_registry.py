@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -125,7 +126,7 @@ def test_promote_then_rollback(app, client, keys):
     assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"2"}
     rollback = admin(client, keys, "POST", "rollback")
     rolled = rollback.get_json()
-    assert (rolled["active_version"], rolled["previous_version"]) == ("1", "2")
+    assert (rolled["active_version"], rolled["previous_version"]) == ("1", None)
     assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"1"}
     statuses = {v["version"]: v["status"] for v in rolled["versions"]}
     assert statuses == {"1": "active", "2": "retired"}
@@ -180,12 +181,25 @@ def test_rollback_undoes_one_step_at_a_time(client, keys):
     assert (first["active_version"], first["previous_version"], first["canary_version"]) == ("2", "1", None)
     assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(40)} == {"2"}
     second = admin(client, keys, "POST", "rollback").get_json()
-    assert (second["active_version"], second["previous_version"]) == ("1", "2")
+    assert (second["active_version"], second["previous_version"]) == ("1", None)
     assert {v["version"]: v["status"] for v in second["versions"]} == {
         "1": "active",
         "2": "retired",
         "3": "retired",
     }
+
+
+def test_a_second_rollback_never_brings_back_the_retired_version(client, keys):
+    """Promote 2, roll back to 1, roll back again: 409 no_previous, and 1 keeps all traffic."""
+    add_canary(client, keys, weight=100.0)
+    admin(client, keys, "POST", "promote")
+    admin(client, keys, "POST", "rollback")
+    again = client.post("/v1/governance/models/sentiment/rollback", headers=keys["admin"])
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "no_previous"
+    model = client.get("/v1/governance/models/sentiment", headers=keys["user"]).get_json()
+    assert (model["active_version"], model["previous_version"], model["canary_version"]) == ("1", None, None)
+    assert {v["version"]: v["status"] for v in model["versions"]} == {"1": "active", "2": "retired"}
+    assert {infer(client, keys["user"], user=f"u{i}").json["model_version"] for i in range(20)} == {"1"}
 
 
 def test_disable_and_enable(client, keys):
@@ -284,3 +298,112 @@ def test_rollback_reaches_every_instance_within_two_seconds(sqlite_template, red
         time.sleep(max(0.0, rolled_at + 2.0 - time.monotonic()))
         assert versions(second) == {"sentiment/1"}, "the other instance still served the rolled-back version"
         assert versions(first) == {"sentiment/1"}
+
+
+def test_a_version_whose_backend_params_cannot_work_is_refused_and_not_stored(client, keys):
+    """The fuzzer's registration: model "0", an openai_compatible version without base_url. Each
+    backend's own schema decides, before anything is stored; the error names the field."""
+    admin = keys["admin"]
+    assert client.post("/v1/governance/models", headers=admin, json={"name": "0"}).status_code == 201
+    refused = {
+        "params.base_url": ("openai_compatible", {}),
+        "params.deadline_s": ("openai_compatible", {"base_url": "http://127.0.0.1:9/v1", "deadline_s": 0}),
+        "params.encoding_format": (
+            "openai_compatible",
+            {"base_url": "http://h:1/v1", "encoding_format": "x"},
+        ),
+        "params.artifact": ("sklearn", {}),
+        "params.n_ctx": ("llama_cpp", {"n_ctx": "many"}),
+        "params.colour": ("vader", {"colour": "blue"}),  # a family without params refuses any
+    }
+    for param, (backend, params) in refused.items():
+        resp = client.post(
+            "/v1/governance/models/0/versions",
+            headers=admin,
+            json={"version": "1", "backend": backend, "params": params},
+        )
+        body = resp.get_json()
+        assert resp.status_code == 400, (param, body)
+        assert (body["error"]["code"], body["error"]["param"]) == ("invalid_backend_params", param)
+        assert body["error"]["message"].startswith(f"{param}: ")
+    assert client.get("/v1/governance/models/0", headers=admin).get_json()["versions"] == []
+    ok = client.post(
+        "/v1/governance/models/0/versions",
+        headers=admin,
+        json={
+            "version": "1",
+            "backend": "openai_compatible",
+            "params": {"base_url": "http://127.0.0.1:9/v1"},
+        },
+    )
+    assert ok.status_code == 201, ok.get_json()
+    assert client.get("/readyz").status_code == 200
+
+
+def test_aliases_are_well_formed_and_unique(client, keys):
+    """Malformed is a validation error like a malformed name (422); taken is 409, as for names."""
+    admin = keys["admin"]
+
+    def register(body: dict):
+        return client.post("/v1/governance/models", headers=admin, json=body)
+
+    for aliases, param in (([""], "aliases.0"), (["ok", "a b"], "aliases.1"), (["d", "d"], "aliases")):
+        resp = register({"name": "fresh", "aliases": aliases})
+        assert resp.status_code == 422 and resp.get_json()["error"]["param"] == param, resp.get_json()
+    for body, param in (
+        ({"name": "mood"}, "name"),  # another model's alias
+        ({"name": "fresh", "aliases": ["sentiment"]}, "aliases"),  # another model's name
+        ({"name": "fresh", "aliases": ["fresh"]}, "aliases"),  # its own name
+    ):
+        resp = register(body)
+        assert resp.status_code == 409 and resp.get_json()["error"]["param"] == param, resp.get_json()
+    names = {m["name"] for m in client.get("/v1/governance/models", headers=admin).get_json()["data"]}
+    assert names == {"sentiment"}
+
+
+def test_a_model_that_fails_to_load_is_fatal_only_if_required(client, keys, tmp_path):
+    """A real load failure (a pinned artifact that is not a skops file) is reported per model in
+    /readyz; the instance stays ready unless the model was registered as required."""
+    admin = keys["admin"]
+    artifact = tmp_path / "broken.skops"
+    artifact.write_bytes(b"this is not a zip archive")
+    version = {
+        "version": "1",
+        "backend": "sklearn",
+        "artifact_uri": str(artifact),
+        "artifact_sha256": hashlib.sha256(artifact.read_bytes()).hexdigest(),
+    }
+
+    def readyz() -> tuple[int, dict]:
+        resp = client.get("/readyz")
+        body = resp.get_json()
+        return resp.status_code, next(c for c in body["checks"] if c["name"] == "models") | {
+            "not_ready": body["not_ready"]
+        }
+
+    for name, required in (("extra", None), ("vital", True)):
+        body = {"name": name} | ({"required": required} if required is not None else {})
+        resp = client.post("/v1/governance/models", headers=admin, json=body)
+        assert resp.status_code == 201 and resp.get_json()["required"] is bool(required)
+        assert (
+            client.post(f"/v1/governance/models/{name}/versions", headers=admin, json=version).status_code
+            == 201
+        )
+        if name == "extra":
+            status, models = readyz()
+            assert status == 200 and models["ready"] is True and models["not_ready"] == [], models
+            assert "extra/1: failed (" in models["detail"] and "[not required]" in models["detail"]
+            assert "sentiment/1: loaded" in models["detail"]
+            assert client.get("/v2/health/ready").status_code == 200
+            served = infer(client, keys["user"], model="extra")
+            assert served.status_code == 503 and served.get_json()["error"]["code"] == "model_not_ready"
+    status, models = readyz()
+    assert status == 503 and models["not_ready"] == ["models"], models
+    assert "vital/1: failed (" in models["detail"]
+    assert client.get("/v2/health/ready").status_code == 503
+    assert infer(client, keys["user"]).status_code == 200  # the other models still serve
+
+
+def test_catalogue_models_are_required(client, keys):
+    model = client.get("/v1/governance/models/sentiment", headers=keys["user"]).get_json()
+    assert model["required"] is True

@@ -23,6 +23,7 @@ from app.governance.audit.routes import tenant_filter
 from app.identity import scopes as sc
 from app.identity.models import utcnow
 from app.identity.principal import current_principal, require_scopes
+from app.timestamps import as_utc
 
 DEFAULT_WINDOW = timedelta(days=30)
 
@@ -55,10 +56,6 @@ class UsageReportSchema(ma.Schema):
     data = ma.fields.List(ma.fields.Nested(UsageRowSchema))
 
 
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None)
-
-
 @blp.route("/v1/governance/usage", methods=["GET"])
 @require_scopes(sc.GOVERNANCE_READ)
 @blp.arguments(UsageArgsSchema, location="query")
@@ -73,8 +70,9 @@ def usage_report(args: dict[str, Any]) -> dict[str, Any]:
     tenant_id = tenant_filter(principal, args.get("tenant_id"))
     if not principal.is_admin:
         tenant_id = principal.tenant_id
-    since = _naive_utc(args["since"]) if args.get("since") else utcnow() - DEFAULT_WINDOW
-    until = _naive_utc(args["until"]) if args.get("until") else None
+    # Echoed in UTC like every timestamp the gateway writes, whatever offset the caller used.
+    since = as_utc(args["since"]) if args.get("since") else utcnow() - DEFAULT_WINDOW
+    until = as_utc(args["until"]) if args.get("until") else None
     data = report(since, until, tenant_id)
     return {"since": since, "until": until, "group_by": args["group_by"], "data": data}
 

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import BigInteger, ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import db
-
-
-def utcnow() -> datetime:
-    """Naive UTC: both sqlite and PostgreSQL `timestamp without time zone` round-trip it unchanged."""
-    return datetime.now(UTC).replace(tzinfo=None)
+from app.timestamps import utcnow
 
 
 def new_id() -> str:

@@ -3,7 +3,9 @@
 `config/models.yaml` seeds an empty registry. Models load in the background once a worker
 starts serving (each in a real thread), so a worker answers `/healthz` at once and `/readyz`
 reports each version as loading, loaded or failed. One model failing to load never takes the
-others down. `MODELS_LOAD=eager` loads inside `create_app` instead (the tests use it).
+others down, and takes the instance out of service only if the model is `required` (the
+catalogue's models are; registry additions only when registered so). `MODELS_LOAD=eager` loads
+inside `create_app` instead (the tests use it).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class ModelCatalogue:
         self.runtimes: dict[tuple[str, str], ModelRuntime] = {}
         self.traffic: dict[str, Traffic] = {}
         self.names: dict[str, str] = {}
+        self.required: frozenset[str] = frozenset()
         self.revision = -1
         self.error = ""
         self._last_check = 0.0
@@ -151,6 +154,7 @@ class ModelCatalogue:
                 runtimes[(record.model, record.version)] = runtime
                 new.append(runtime)
         self.runtimes, self.traffic, self.names = runtimes, {t.model: t for t in traffic}, names
+        self.required = frozenset(r.model for r in records if r.required)
         self.revision, self.error = revision, ""
         ensure_threads(sum(r.max_concurrency for r in runtimes.values() if r.cpu_bound) + 4)
         log.info(
@@ -186,6 +190,10 @@ class ModelCatalogue:
         threading.Thread(target=run, name="model-loader", daemon=True).start()
 
     # routing ------------------------------------------------------------------------------
+    def canonical(self, name: str) -> str:
+        """The registered name behind `name` (itself or an alias); an unknown name as given."""
+        return self.names.get(name, name)
+
     def _traffic(self, name: str, param: str) -> Traffic:
         self.sync()
         canonical = self.names.get(name)
@@ -245,14 +253,27 @@ class ModelCatalogue:
             if t.active is not None and not t.disabled and (t.model, t.active) in self.runtimes
         ]
 
+    def is_required(self, name: str) -> bool:
+        return name in self.required
+
     def readiness(self) -> tuple[bool, str]:
+        """Ready when every required model is loaded; every model's state is in the detail.
+
+        A model added through the registry is not required unless registered so: one bad
+        registration must not take the whole gateway out of the load balancer.
+        """
+        self.sync()
         if self.error:
             return False, self.error
-        runtimes = self.runtimes.values()
+        runtimes = list(self.runtimes.values())
         details = [
-            f"{r.name}/{r.spec.version}: {r.state}" + (f" ({r.reason})" if r.reason else "") for r in runtimes
+            f"{r.name}/{r.spec.version}: {r.state}"
+            + (f" ({r.reason})" if r.reason else "")
+            + ("" if self.is_required(r.name) else " [not required]")
+            for r in runtimes
         ]
-        return all(r.ready for r in runtimes), "; ".join(details) or "no models configured"
+        ready = all(r.ready for r in runtimes if self.is_required(r.name))
+        return ready, "; ".join(details) or "no models configured"
 
 
 def init_app(app: Flask) -> None:

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import marshmallow as ma
 import numpy as np
 import structlog
 
 from app import tracing
-from app.errors import APIError
+from app.errors import APIError, flatten_messages
 from app.inference import metrics
 from app.inference.backends import Backend, ModelSpec, backend_class
 from app.inference.backends.base import ChatChunk, ChatRequest, ChatResult, EmbeddingResult
@@ -74,19 +75,29 @@ class ModelRuntime:
         """Load every instance; a failure marks this model failed and leaves the others alone."""
         started = time.perf_counter()
         try:
+            type(self.backend).check_params(self.spec.params)
             for instance in self.instances:
                 if self.cpu_bound:
                     run_in_thread(instance.load)
                 else:
                     instance.load()
+        except ma.ValidationError as exc:
+            problems = "; ".join(
+                f"params.{d['param']}: {d['message']}" for d in flatten_messages(exc.messages)
+            )
+            self._failed(f"invalid params: {problems}")
+            return
         except Exception as exc:
-            self.state, self.reason = "failed", f"{type(exc).__name__}: {exc}"[:500]
-            log.error("model_load_failed", model=self.name, version=self.spec.version, reason=self.reason)
+            self._failed(f"{type(exc).__name__}: {exc}")
             return
         self.state, self.reason = "loaded", ""
         log.info(
             "model_loaded", model=self.name, version=self.spec.version, seconds=time.perf_counter() - started
         )
+
+    def _failed(self, reason: str) -> None:
+        self.state, self.reason = "failed", reason[:500]
+        log.error("model_load_failed", model=self.name, version=self.spec.version, reason=self.reason)
 
     def close(self) -> None:
         for instance in self.instances:

@@ -151,13 +151,13 @@ def _chat_need(request: ChatRequest, prompt_tokens: int) -> int:
     return prompt + (request.max_tokens or 0)
 
 
-def _observe_prompt(runtime: ModelRuntime, messages: list[dict[str, str]]) -> None:
+def _observe_prompt(principal: Principal, runtime: ModelRuntime, messages: list[dict[str, str]]) -> None:
     """Drift sees the last user message of a call the model answered; a failed call's input
     says nothing about the traffic the model serves. One message, not the whole conversation:
     the reference sample is single requests."""
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
     if last_user is not None:
-        drift.observe_texts(runtime.name, runtime.spec.version, [last_user], None)
+        drift.observe_texts(principal.tenant_id, runtime.name, runtime.spec.version, [last_user], None)
 
 
 def _route(principal: Principal, body: dict[str, Any]) -> ModelRuntime:
@@ -182,7 +182,7 @@ def run_chat(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
         reservation.release()
         raise
     reservation.settle(result.prompt_tokens + result.completion_tokens)
-    _observe_prompt(runtime, request.messages)
+    _observe_prompt(principal, runtime, request.messages)
     text = policies.redact_text(decision, result.text)
     audit.note(tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, output=text)
     return {
@@ -225,7 +225,7 @@ def chat_completion(principal: Principal, body: dict[str, Any]) -> dict[str, Any
         else:
             reservation.release()
         if completed:
-            _observe_prompt(runtime, request.messages)
+            _observe_prompt(principal, runtime, request.messages)
         audit.note(
             tokens_in=prompt,
             tokens_out=completion,
@@ -284,7 +284,7 @@ def run_embeddings(principal: Principal, body: dict[str, Any]) -> dict[str, Any]
         raise
     reservation.settle(result.prompt_tokens)
     audit.note(tokens_in=result.prompt_tokens, tokens_out=0)
-    drift.observe_texts(runtime.name, runtime.spec.version, texts, result.vectors)
+    drift.observe_texts(principal.tenant_id, runtime.name, runtime.spec.version, texts, result.vectors)
     encode_base64 = body.get("encoding_format") == "base64"
     data = []
     for index, vector in enumerate(np.asarray(result.vectors, dtype=np.float32)):
@@ -334,17 +334,20 @@ def _apply_policy(
 
 
 def _observe_drift(
-    runtime: ModelRuntime, arrays: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
+    principal: Principal,
+    runtime: ModelRuntime,
+    arrays: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray],
 ) -> None:
-    """Feed the drift window: tabular rows as they are, text inputs with any embeddings made."""
+    """Feed the tenant's drift window: tabular rows as they are, text inputs with any embeddings made."""
+    tenant, model, version = principal.tenant_id, runtime.name, runtime.spec.version
     for spec in runtime.backend.inputs():
         array = arrays[spec.name]
         if spec.datatype == "BYTES":
-            drift.observe_texts(
-                runtime.name, runtime.spec.version, text_input(arrays, spec.name), outputs.get("embedding")
-            )
+            texts = text_input(arrays, spec.name)
+            drift.observe_texts(tenant, model, version, texts, outputs.get("embedding"))
         elif array.ndim == 2:
-            drift.observe_tabular(runtime.name, runtime.spec.version, array)
+            drift.observe_tabular(tenant, model, version, array)
 
 
 def resolve_version(name: str, version: str | None) -> ModelRuntime:
@@ -382,6 +385,6 @@ def run_infer(principal: Principal, name: str, version: str | None, body: dict[s
         "outputs": encode_outputs(outputs, backend.outputs(), wanted or list(outputs)),
     }
     response["id"] = body.get("id") or request_id() or uuid.uuid4().hex
-    _observe_drift(runtime, arrays, outputs)
+    _observe_drift(principal, runtime, arrays, outputs)
     audit.note(output=response["outputs"])
     return response

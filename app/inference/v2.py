@@ -18,11 +18,12 @@ def v2_live() -> dict[str, bool]:
 
 
 @blp.route("/v2/health/ready")
-@blp.response(200, description="Every model is loaded.")
-@blp.alt_response(503, description="Some model is not loaded yet, or failed.")
+@blp.response(200, description="Every required model is loaded.")
+@blp.alt_response(503, description="Some required model is not loaded yet, or failed.")
 def v2_ready() -> tuple[dict[str, bool], int]:
-    """Readiness of the models."""
-    ready = all(r.ready for r in catalogue().served())
+    """Readiness of the models: the required ones, as /readyz judges them."""
+    models = catalogue()
+    ready = all(r.ready for r in models.served() if models.is_required(r.name))
     return {"ready": ready}, 200 if ready else 503
 
 

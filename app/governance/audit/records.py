@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import String
 
 from app.governance.audit.models import AuditRecord
+from app.timestamps import as_utc
 
 GENESIS_HASH = "0" * 64
 # Records without a tenant (a failed token request, an action of a tenantless caller).
@@ -43,7 +44,10 @@ SAFE_FORM_FIELDS = ("grant_type", "username", "client_id", "scope")
 
 def _default(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat(timespec="microseconds")
+        # Hashed as naive UTC, the form every record has been hashed in since the first: records
+        # hashed before timestamps became timezone-aware still verify. Exports (and offline
+        # verifiers) show `...+00:00`; parsed back to a datetime, it hashes the same.
+        return as_utc(value).replace(tzinfo=None).isoformat(timespec="microseconds")
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, set | frozenset | tuple):

@@ -115,17 +115,13 @@ def tenant_filter(principal: Principal, tenant_id: str | None) -> str | None:
     return tenant_id
 
 
-def _naive_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None)
-
-
 def filtered(args: dict[str, Any]) -> Select:
     principal = current_principal()
     stmt = scoped_select(AuditRecord, principal, tenant_filter(principal, args.get("tenant_id")))
     if args.get("since"):
-        stmt = stmt.where(AuditRecord.ts >= _naive_utc(args["since"]))
+        stmt = stmt.where(AuditRecord.ts >= args["since"])
     if args.get("until"):
-        stmt = stmt.where(AuditRecord.ts < _naive_utc(args["until"]))
+        stmt = stmt.where(AuditRecord.ts < args["until"])
     for name in ("model", "status", "principal", "kind"):
         if args.get(name) is not None:
             stmt = stmt.where(getattr(AuditRecord, name) == args[name])
@@ -165,6 +161,8 @@ def list_audit(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _export_value(value: Any) -> Any:
+    """CSV cells; JSON lines keep dicts and lists as JSON. Timestamps are RFC 3339 with their
+    offset (`+00:00`), as on every route; canonical_json alone would write the hash input's form."""
     if isinstance(value, datetime):
         return value.isoformat(timespec="microseconds")
     if isinstance(value, dict | list):
@@ -202,6 +200,7 @@ def export_audit(args: dict[str, Any]) -> Response:
                 if fmt == "csv":
                     yield _csv_line([_export_value(values[name]) for name in EXPORT_COLUMNS])
                 else:
+                    values["ts"] = _export_value(values["ts"])
                     yield canonical_json(values) + "\n"
             last_id = rows[-1].id
 

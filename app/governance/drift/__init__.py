@@ -33,18 +33,20 @@ def init_app(app: Flask) -> None:
         app.before_request(partial(drift.start, app))
 
 
-def observe_tabular(model: str, version: str, rows: np.ndarray) -> None:
-    """Record the feature rows (n_rows x n_features) a tabular model version was just called with."""
+def observe_tabular(tenant_id: str, model: str, version: str, rows: np.ndarray) -> None:
+    """Record the feature rows (n_rows x n_features) a tenant just sent a tabular model version."""
     try:
-        monitor().observe_rows(model, version, rows)
+        monitor().observe_rows(tenant_id, model, version, rows)
     except Exception as exc:
         _failed(exc, model)
 
 
-def observe_texts(model: str, version: str, texts: list[str], embeddings: np.ndarray | None) -> None:
-    """Record text inputs (chat prompt text, embeddings inputs) and the embeddings the model made of them."""
+def observe_texts(
+    tenant_id: str, model: str, version: str, texts: list[str], embeddings: np.ndarray | None
+) -> None:
+    """Record a tenant's text inputs (chat prompt text, embeddings inputs) and their embeddings."""
     try:
-        monitor().observe_texts(model, version, texts, embeddings)
+        monitor().observe_texts(tenant_id, model, version, texts, embeddings)
     except Exception as exc:
         _failed(exc, model)
 

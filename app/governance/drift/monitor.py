@@ -1,5 +1,13 @@
 """Drift per served model version: live windows against reference profiles, the report, the gauges.
 
+Windows are kept per tenant, and once more for all tenants together: a tenant's report is computed
+over its own traffic only, so neither its sample size nor its statistics move when another tenant
+calls the model (they would reveal that tenant's traffic volume and what its inputs look like). The
+platform admin reads the all-tenants window, or one tenant's. Each observation is appended to both
+windows, which doubles a small cost (a deque append; one pipelined Redis round trip a second) rather
+than merging every tenant's window on each report. The gauges show the all-tenants verdict only:
+a tenant label would multiply the series by the number of tenants.
+
 Verdict per version: with fewer than DRIFT_MIN_SAMPLES live inputs it is `insufficient_data` and
 never drifted. Otherwise a feature (a tabular column, or a text model's input length) is drifted
 when its PSI exceeds DRIFT_PSI_THRESHOLD *and* its test (chi-squared on binned references, KS on
@@ -34,7 +42,7 @@ from redis.exceptions import RedisError
 from app.errors import APIError
 from app.governance.drift.reference import References, TabularReference, TextReference
 from app.governance.drift.stats import FeatureDrift, binned_drift, centroid_distance, continuous_drift
-from app.governance.drift.window import Window
+from app.governance.drift.window import ALL_TENANTS, Window
 from app.inference.catalogue import catalogue
 from app.inference.runtime import ModelRuntime
 from config import ROOT
@@ -119,32 +127,44 @@ class DriftMonitor:
         self._stopped = threading.Event()
 
     # request path ------------------------------------------------------------------------
-    def observe_rows(self, model: str, version: str, rows: np.ndarray) -> None:
+    def _append(self, tenant_id: str, model: str, version: str, series: str, vectors: np.ndarray) -> None:
+        """Into the tenant's window and the all-tenants one."""
+        for scope in (tenant_id, ALL_TENANTS):
+            self.window.append((scope, model, version, series), vectors)
+
+    def observe_rows(self, tenant_id: str, model: str, version: str, rows: np.ndarray) -> None:
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
-        self.window.append((model, version, ROWS), rows.reshape(rows.shape[0], -1))
+        self._append(tenant_id, model, version, ROWS, rows.reshape(rows.shape[0], -1))
 
     def observe_texts(
-        self, model: str, version: str, texts: Sequence[str], embeddings: np.ndarray | None
+        self,
+        tenant_id: str,
+        model: str,
+        version: str,
+        texts: Sequence[str],
+        embeddings: np.ndarray | None,
     ) -> None:
         if texts:
-            self.window.append(
-                (model, version, LENGTHS), np.array([[len(t)] for t in texts], dtype=np.float32)
-            )
+            lengths = np.array([[len(t)] for t in texts], dtype=np.float32)
+            self._append(tenant_id, model, version, LENGTHS, lengths)
         if embeddings is not None and len(embeddings):
-            self.window.append((model, version, EMBEDDINGS), np.asarray(embeddings, dtype=np.float32))
+            self._append(tenant_id, model, version, EMBEDDINGS, np.asarray(embeddings, dtype=np.float32))
 
     # the report --------------------------------------------------------------------------
-    def report(self, name: str) -> dict[str, Any]:
+    def report(self, name: str, tenant_id: str | None = None) -> dict[str, Any]:
+        """Over one tenant's traffic, or every tenant's when `tenant_id` is None."""
         s = self.settings
         runtimes = served_runtimes(name)
+        scope = tenant_id or ALL_TENANTS
         try:
-            versions = [self.version_report(runtime) for runtime in runtimes]
+            versions = [self.version_report(runtime, scope) for runtime in runtimes]
         except RedisError:
             raise APIError(
                 503, "Drift windows are unavailable: Redis did not answer.", code="drift_unavailable"
             ) from None
         return {
             "model": runtimes[0].spec.name,
+            "tenant_id": tenant_id,
             "drifted": any(v["drifted"] for v in versions),
             "computed_at": datetime.now(UTC),
             "window": s.window,
@@ -157,31 +177,32 @@ class DriftMonitor:
             "versions": versions,
         }
 
-    def version_report(self, runtime: ModelRuntime) -> dict[str, Any]:
+    def version_report(self, runtime: ModelRuntime, scope: str = ALL_TENANTS) -> dict[str, Any]:
         spec = runtime.spec
         tabular = self.references.tabular(spec.params)
         if tabular is not None:
-            result = self._tabular(spec.name, spec.version, tabular)
+            result = self._tabular(scope, spec.name, spec.version, tabular)
         elif _takes_text(runtime):
-            result = self._text(spec.name, spec.version, self.references.text(runtime))
+            result = self._text(scope, spec.name, spec.version, self.references.text(runtime))
         else:
-            sample_size = len(self.window.read((spec.name, spec.version, ROWS)))
+            sample_size = len(self.window.read((scope, spec.name, spec.version, ROWS)))
             result = self._verdict(spec.version, "tabular", sample_size, [], None, status="no_reference")
-        self._publish(spec.name, spec.version, result)
+        if scope == ALL_TENANTS:
+            self._publish(spec.name, spec.version, result)
         return result
 
-    def _tabular(self, model: str, version: str, reference: TabularReference) -> dict[str, Any]:
+    def _tabular(self, scope: str, model: str, version: str, reference: TabularReference) -> dict[str, Any]:
         width = len(reference.features)
-        rows = [row for row in self.window.read((model, version, ROWS)) if len(row) == width]
+        rows = [row for row in self.window.read((scope, model, version, ROWS)) if len(row) == width]
         features: list[FeatureDrift] = []
         if len(rows) >= self.settings.min_samples:
             matrix = np.vstack(rows)
             features = [binned_drift(feature, matrix[:, j]) for j, feature in enumerate(reference.features)]
         return self._verdict(version, "tabular", len(rows), features, None)
 
-    def _text(self, model: str, version: str, reference: TextReference) -> dict[str, Any]:
+    def _text(self, scope: str, model: str, version: str, reference: TextReference) -> dict[str, Any]:
         s = self.settings
-        lengths = np.concatenate(self.window.read((model, version, LENGTHS)) or [np.zeros(0)])
+        lengths = np.concatenate(self.window.read((scope, model, version, LENGTHS)) or [np.zeros(0)])
         features: list[FeatureDrift] = []
         if len(lengths) >= s.min_samples:
             features = [continuous_drift(reference.length, reference.lengths, lengths)]
@@ -197,7 +218,7 @@ class DriftMonitor:
             if reference.centroid is not None:
                 dims = len(reference.centroid)
                 # Inputs embedded with fewer `dimensions` are not comparable with the reference.
-                vectors = [v for v in self.window.read((model, version, EMBEDDINGS)) if len(v) == dims]
+                vectors = [v for v in self.window.read((scope, model, version, EMBEDDINGS)) if len(v) == dims]
                 embedding["sample_size"] = len(vectors)
                 if len(vectors) < s.min_samples:
                     embedding["status"] = "insufficient_data"

@@ -1,7 +1,9 @@
 """`GET /v1/governance/models/<name>/drift`: the drift report of every served version of a model.
 
-Models are platform-wide, so the report is too: it aggregates every tenant's inputs into
-distribution statistics (PSI, p-values, a centroid distance) and never shows an input.
+Models are platform-wide but their traffic is not: a tenant's report covers its own inputs only,
+since even distribution statistics (a sample size, PSI, a centroid) over another tenant's inputs
+tell something about that tenant's traffic. The platform admin sees every tenant's inputs
+together, or names a tenant. A report never shows an input.
 """
 
 from __future__ import annotations
@@ -11,9 +13,16 @@ from typing import Any
 import marshmallow as ma
 
 from app.governance import blp
+from app.governance.audit.routes import tenant_filter
 from app.governance.drift.monitor import monitor
-from app.identity.principal import require_scopes
+from app.identity.principal import current_principal, require_scopes
 from app.identity.scopes import GOVERNANCE_READ
+
+
+class DriftArgsSchema(ma.Schema):
+    tenant_id = ma.fields.String(
+        metadata={"description": "Platform admin: this tenant's inputs only (default: every tenant's)."}
+    )
 
 
 class FeatureDriftSchema(ma.Schema):
@@ -62,6 +71,9 @@ class DriftThresholdsSchema(ma.Schema):
 
 class DriftReportSchema(ma.Schema):
     model = ma.fields.String()
+    tenant_id = ma.fields.String(
+        allow_none=True, metadata={"description": "Whose inputs were judged; null: every tenant's."}
+    )
     drifted = ma.fields.Boolean(metadata={"description": "True if any served version drifted."})
     computed_at = ma.fields.DateTime()
     window = ma.fields.Integer(metadata={"description": "Most recent inputs compared, per version."})
@@ -72,11 +84,17 @@ class DriftReportSchema(ma.Schema):
 
 @blp.route("/v1/governance/models/<name>/drift", methods=["GET"])
 @require_scopes(GOVERNANCE_READ)
+@blp.arguments(DriftArgsSchema, location="query")
 @blp.response(200, DriftReportSchema)
-def model_drift(name: str) -> dict[str, Any]:
+def model_drift(args: dict[str, Any], name: str) -> dict[str, Any]:
     """Drift of a model's live inputs against its reference profile
 
-    Computed on request from the rolling window of recent inputs, per served version; the
-    `gateway_model_drift_*` gauges are updated with the same figures.
+    Computed on request from the rolling window of recent inputs, per served version. A tenant
+    sees the drift of its own inputs only; a platform admin sees every tenant's together, or one
+    tenant's with `tenant_id`. The `gateway_model_drift_*` gauges show the all-tenants figures.
     """
-    return monitor().report(name)
+    principal = current_principal()
+    tenant_id = tenant_filter(principal, args.get("tenant_id"))
+    if not principal.is_admin:
+        tenant_id = principal.tenant_id
+    return monitor().report(name, tenant_id)

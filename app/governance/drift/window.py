@@ -1,4 +1,5 @@
-"""Rolling windows of recent live inputs, per model, version and series ("rows", "lengths", "embeddings").
+"""Rolling windows of recent live inputs, per scope, model, version and series ("rows", "lengths",
+"embeddings"). A scope is a tenant id, or ALL_TENANTS for the platform-wide window (see monitor.py).
 
 With Redis every worker of every instance feeds one window: a list per key, newest first, capped
 with LPUSH + LTRIM. Observations are not sent one request at a time: each worker buffers them and
@@ -27,7 +28,10 @@ from redis.exceptions import RedisError
 
 log = structlog.get_logger(__name__)
 
-Key = tuple[str, str, str]  # (model, version, series)
+Key = tuple[str, str, str, str]  # (scope, model, version, series)
+
+# The platform-wide scope. Tenant ids are hex, so no tenant can be named "*".
+ALL_TENANTS = "*"
 
 FLUSH_INTERVAL_S = 1.0
 KEY_PREFIX = "drift:window"
@@ -80,12 +84,13 @@ class Window:
         if not pending:
             return
         pipe = self._redis.pipeline(transaction=False)
-        for (model, version, series), vectors in pending.items():
-            name = self._redis_key((model, version, series))
+        for (scope, model, version, series), vectors in pending.items():
+            name = self._redis_key((scope, model, version, series))
             pipe.lpush(name, *(_encode(v) for v in vectors))
             pipe.ltrim(name, 0, self.size - 1)
             pipe.expire(name, KEY_TTL_S)
-            pipe.sadd(OBSERVED_KEY, json.dumps([model, version]))
+            if scope == ALL_TENANTS:
+                pipe.sadd(OBSERVED_KEY, json.dumps([model, version]))
         try:
             pipe.execute()
         except RedisError as exc:
@@ -109,7 +114,9 @@ class Window:
         """Every (model, version) with live samples, from any worker when the window is shared."""
         if self._redis is None:
             with self._lock:
-                return {(model, version) for model, version, _ in self._buffers}
+                return {
+                    (model, version) for scope, model, version, _ in self._buffers if scope == ALL_TENANTS
+                }
         self.flush()
         members: Iterable[str] = self._redis.smembers(OBSERVED_KEY)  # type: ignore[assignment]
         return {tuple(json.loads(m)) for m in members}  # type: ignore[misc]

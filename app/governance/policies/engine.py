@@ -26,6 +26,7 @@ from app.governance.policies.detectors import MAX_ENTITY_CHARS, Span, find_pii, 
 from app.governance.policies.rules import EffectivePolicy
 from app.governance.policies.store import effective_policy
 from app.identity.principal import Principal
+from app.inference.catalogue import catalogue
 
 # Raw text kept before a stream's cut, so detectors see what precedes new text ("version ...").
 CONTEXT_CHARS = 64
@@ -93,8 +94,18 @@ def _refuse(
 
 
 def _check_model(policy: EffectivePolicy, model: str) -> None:
+    """Both sides are resolved to canonical names through the registry, at the time of the call.
+
+    A policy may list `smollm2` while the route resolved the request to `smollm2-135m-instruct`
+    (or the reverse); comparing the names as written would refuse a model the tenant may use.
+    Resolving on each call, not when the policy is written, keeps a policy right when an alias
+    is added later; a listed name the registry does not know stays as written.
+    """
     allowed = policy.rules.allowed_models
-    if allowed is not None and model not in allowed:
+    if allowed is None:
+        return
+    canonical = catalogue().canonical
+    if canonical(model) not in {canonical(name) for name in allowed}:
         raise _refuse(
             policy, 403, "model_not_allowed", "model", f"This tenant's policy does not allow model '{model}'."
         )
@@ -152,7 +163,7 @@ def check_chat(
 ) -> Decision:
     """The policy step of a chat call; raises PolicyViolation, returns what the model may see.
 
-    `model` is compared as given with the policy's allowed_models.
+    `model` and the policy's allowed_models are compared by canonical name (aliases resolved).
     """
     policy = effective_policy(principal.tenant_id)
     rules = policy.rules

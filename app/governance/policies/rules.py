@@ -38,7 +38,10 @@ class RulesSchema(ma.Schema):
         ma.fields.String(validate=ma.validate.Length(min=1, max=128)),
         allow_none=True,
         load_default=None,
-        metadata={"description": "Model names (as requested) the tenant may call; null = all."},
+        metadata={
+            "description": "Models the tenant may call, by name or alias (an alias stands for "
+            "its model); null = all."
+        },
     )
     max_tokens = ma.fields.Integer(
         allow_none=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import JSON, BigInteger, Float, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -22,6 +23,9 @@ VERSION_STATUSES = ("staged", "active", "retired")
 class RegisteredModel(db.Model):
     """A served name. Traffic: the active version, plus an optional canary taking `canary_weight`%.
 
+    `required`: the instance is ready only once this model is loaded. A model that fails to load
+    is reported by /readyz either way, but only a required one takes the instance out of service.
+
     Version ids are plain strings rather than foreign keys: the two tables point at each other,
     and the service layer checks that a version belongs to its model.
     """
@@ -32,6 +36,7 @@ class RegisteredModel(db.Model):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
     disabled: Mapped[bool] = mapped_column(default=False)
+    required: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     active_version_id: Mapped[str | None] = mapped_column(String(32), default=None)
     previous_version_id: Mapped[str | None] = mapped_column(String(32), default=None)
     canary_version_id: Mapped[str | None] = mapped_column(String(32), default=None)

@@ -42,10 +42,32 @@ class VersionSchema(ma.Schema):
     created_at = ma.fields.DateTime(dump_only=True)
 
 
+NAME = ma.validate.Regexp(
+    r"^[A-Za-z0-9._:-]{1,128}$", error="1 to 128 of A-Z a-z 0-9 . _ : - (got {input!r})."
+)
+
+
+def _distinct(aliases: list[str]) -> None:
+    if len(set(aliases)) != len(aliases):
+        raise ma.ValidationError("Aliases must be distinct.")
+
+
 class RegisteredModelSchema(ma.Schema):
-    name = ma.fields.String(required=True, validate=ma.validate.Regexp(r"^[A-Za-z0-9._:-]{1,128}$"))
+    name = ma.fields.String(required=True, validate=NAME)
     description = ma.fields.String(load_default="")
-    aliases = ma.fields.List(ma.fields.String(), load_default=list)
+    aliases = ma.fields.List(
+        ma.fields.String(validate=NAME),
+        load_default=list,
+        validate=_distinct,
+        metadata={"description": "Other names for the model; like names, unique across models."},
+    )
+    required = ma.fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "The instance is ready (/readyz) only once this model is loaded. "
+            "Default false: a registry addition that fails to load is reported, not fatal."
+        },
+    )
     disabled = ma.fields.Boolean(dump_only=True)
     active_version = ma.fields.String(dump_only=True, allow_none=True)
     previous_version = ma.fields.String(dump_only=True, allow_none=True)
@@ -75,6 +97,7 @@ def _dump(model: RegisteredModel) -> dict[str, Any]:
         "name": model.name,
         "description": model.description,
         "aliases": [a.alias for a in model.aliases],
+        "required": model.required,
         "disabled": model.disabled,
         "active_version": by_id.get(model.active_version_id or ""),
         "previous_version": by_id.get(model.previous_version_id or ""),
@@ -119,7 +142,11 @@ def get_registered_model(name: str) -> dict[str, Any]:
 @blp.arguments(VersionSchema)
 @blp.response(201, VersionSchema)
 def add_model_version(data: dict[str, Any], name: str) -> Any:
-    """Add a version (staged; the first version of a model becomes active)"""
+    """Add a version (staged; the first version of a model becomes active)
+
+    `params` are checked with the backend's own schema before anything is stored: a version that
+    could not load is 400 `invalid_backend_params`, naming the field (e.g. `params.base_url`).
+    """
     return registry.add_version(name, data, _actor())
 
 
@@ -144,8 +171,14 @@ def promote_model_canary(name: str) -> dict[str, Any]:
 @require_scopes(sc.ADMIN)
 @blp.response(200, RegisteredModelSchema)
 def rollback_model(name: str) -> dict[str, Any]:
-    """Undo the latest step toward a new version: stop the canary if there is one, else return
-    to the previous active version"""
+    """Undo the latest step toward a new version, once
+
+    With a canary taking traffic, the canary stops and is retired. Otherwise, after a promote,
+    the previous version is active again and the promoted one is retired. Each rollback undoes
+    one step and clears its target: rolling back again after a promote is 409 `no_previous`,
+    never a return to the version just retired (the rollback target is kept loaded on every
+    worker so the switch is instant, and a retired version comes back only as a new version).
+    """
     return _dump(registry.rollback(name))
 
 

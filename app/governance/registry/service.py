@@ -7,13 +7,15 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import marshmallow as ma
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import APIError
+from app.errors import APIError, flatten_messages
 from app.extensions import db
 from app.governance.registry.models import ModelAlias, ModelVersion, RegisteredModel, RegistryState
+from app.inference.backends import backend_class
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class VersionRecord:
     artifact_sha256: str | None
     aliases: tuple[str, ...]
     description: str
+    required: bool
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ def snapshot(session: Session) -> tuple[int, list[VersionRecord], list[Traffic],
                     v.artifact_sha256,
                     aliases,
                     model.description,
+                    model.required,
                 )
             )
         active = by_id.get(model.active_version_id) if model.active_version_id else None
@@ -117,6 +121,9 @@ def is_empty(session: Session) -> bool:
 def seed(session: Session, entries: list[dict[str, Any]], actor: str = "seed") -> int:
     """Load catalogue entries into an empty registry, each as the active version of its model.
 
+    The catalogue's models are `required` unless an entry says otherwise: they are what the
+    operator deploys the gateway to serve, so an instance that can't serve them is not ready.
+
     Two workers may start at once on a fresh database: the loser's insert violates the unique
     model name, and it simply serves what the winner wrote.
     """
@@ -124,7 +131,11 @@ def seed(session: Session, entries: list[dict[str, Any]], actor: str = "seed") -
         return 0
     try:
         for entry in entries:
-            model = RegisteredModel(name=entry["name"], description=entry.get("description", ""))
+            model = RegisteredModel(
+                name=entry["name"],
+                description=entry.get("description", ""),
+                required=bool(entry.get("required", True)),
+            )
             session.add(model)
             session.flush()
             version = _new_version(model, entry, actor, status="active", session=session)
@@ -139,19 +150,49 @@ def seed(session: Session, entries: list[dict[str, Any]], actor: str = "seed") -
     return len(entries)
 
 
+def _split_params(entry: dict[str, Any]) -> tuple[dict[str, Any], str | None, str | None]:
+    """(params, artifact_uri, artifact_sha256): an artifact may come in params or in its own fields."""
+    params = dict(entry.get("params") or {})
+    artifact = params.pop("artifact", None) or entry.get("artifact_uri")
+    sha256 = params.pop("sha256", None) or entry.get("artifact_sha256")
+    return params, artifact, sha256
+
+
+def check_backend_params(entry: dict[str, Any]) -> None:
+    """400 naming the first bad field unless the backend's own schema accepts the params.
+
+    They are checked as the backend will receive them at load (the artifact fields folded back in,
+    as app/inference/catalogue.py `spec_for` does), so a version stored here can be loaded.
+    """
+    params, artifact, sha256 = _split_params(entry)
+    params.update({k: v for k, v in (("artifact", artifact), ("sha256", sha256)) if v})
+    try:
+        backend_class(entry["backend"]).check_params(params)
+    except ma.ValidationError as exc:
+        details = [{**d, "param": f"params.{d['param']}"} for d in flatten_messages(exc.messages)]
+        first = details[0]
+        raise APIError(
+            400,
+            f"{first['param']}: {first['message']}",
+            code="invalid_backend_params",
+            param=first["param"],
+            details=details,
+        ) from None
+
+
 def _new_version(
     model: RegisteredModel, entry: dict[str, Any], actor: str, status: str, session: Session | None = None
 ) -> ModelVersion:
     session = session or db.session
-    params = dict(entry.get("params") or {})
+    params, artifact, sha256 = _split_params(entry)
     version = ModelVersion(
         model_id=model.id,
         version=str(entry.get("version", "1")),
         backend=entry["backend"],
-        params={k: v for k, v in params.items() if k not in {"artifact", "sha256"}},
+        params=params,
         limits=dict(entry.get("limits") or {}),
-        artifact_uri=params.get("artifact") or entry.get("artifact_uri"),
-        artifact_sha256=params.get("sha256") or entry.get("artifact_sha256"),
+        artifact_uri=artifact,
+        artifact_sha256=sha256,
         status=status,
         created_by=actor,
     )
@@ -180,8 +221,21 @@ def _version(model: RegisteredModel, version: str, param: str = "version") -> Mo
     )
 
 
+def _taken(name: str) -> bool:
+    """Names and aliases share one namespace: a request names either, and must find one model."""
+    return db.session.get(ModelAlias, name) is not None or (
+        db.session.scalar(select(RegisteredModel.id).where(RegisteredModel.name == name)) is not None
+    )
+
+
 def create_model(data: dict[str, Any], actor: str) -> RegisteredModel:
-    model = RegisteredModel(name=data["name"], description=data.get("description", ""))
+    """409 conflict when the name or an alias is already a model's name or alias (the schema has
+    checked that they are well-formed and distinct from each other)."""
+    if db.session.get(ModelAlias, data["name"]) is not None:
+        raise APIError(409, f"The name {data['name']!r} is taken.", code="conflict", param="name")
+    model = RegisteredModel(
+        name=data["name"], description=data.get("description", ""), required=data.get("required", False)
+    )
     db.session.add(model)
     try:
         db.session.flush()
@@ -191,9 +245,7 @@ def create_model(data: dict[str, Any], actor: str) -> RegisteredModel:
             409, f"A model named {data['name']!r} already exists.", code="conflict", param="name"
         ) from None
     for alias in data.get("aliases") or ():
-        if db.session.get(ModelAlias, alias) is not None or db.session.scalar(
-            select(RegisteredModel.id).where(RegisteredModel.name == alias)
-        ):
+        if _taken(alias):
             db.session.rollback()
             raise APIError(409, f"The name {alias!r} is taken.", code="conflict", param="aliases")
         db.session.add(ModelAlias(alias=alias, model_id=model.id))
@@ -203,8 +255,12 @@ def create_model(data: dict[str, Any], actor: str) -> RegisteredModel:
 
 
 def add_version(name: str, data: dict[str, Any], actor: str) -> ModelVersion:
-    """A new version starts `staged`; it takes traffic only as a canary or once promoted."""
+    """A new version starts `staged`; it takes traffic only as a canary or once promoted.
+
+    Its backend params are checked first: a version that cannot load must not be stored, where
+    every worker would try to load it."""
     model = get_model(name)
+    check_backend_params(data)
     if any(v.version == str(data["version"]) for v in model.versions):
         raise APIError(
             409, f"Version {data['version']!r} of '{model.name}' exists.", code="conflict", param="version"
@@ -250,13 +306,20 @@ def promote(name: str) -> RegisteredModel:
 
 
 def rollback(name: str) -> RegisteredModel:
-    """Undo the latest traffic change toward a newer version, one step per call.
+    """Undo the latest traffic change toward a newer version, one step, once.
 
     - A canary takes traffic: stop it and retire it; the active version keeps all traffic. The
       canary is always the latest such change, since promote clears it.
-    - Else, after a promote: the previous version is active again and the current one is retired.
-      It stays the previous version, so a second rollback undoes a mistaken first one.
-    - Else there is nothing to undo: 409 no_previous.
+    - Else, after a promote: the previous version is active again, the current one is retired,
+      and there is no previous version any more.
+    - Else there is nothing to undo: 409 no_previous. So a second rollback after a promote is a
+      409, never a return to the version the first one retired.
+
+    Why not step further back, to the version before the previous one: a rollback must be instant,
+    so its target is kept loaded on every worker (`snapshot` serves the previous version), and
+    keeping a whole history loaded costs a model's memory per step. And why not swap back and
+    forth: the version a rollback retires was judged bad; bringing it back must be a deliberate
+    new version (staged, canaried, promoted), not a repeated emergency button.
     """
     model = get_model(name)
     by_id = {v.id: v for v in model.versions}
@@ -267,8 +330,7 @@ def rollback(name: str) -> RegisteredModel:
         by_id[model.previous_version_id].status = "active"
         if model.active_version_id:
             by_id[model.active_version_id].status = "retired"
-        previous, model.previous_version_id = model.previous_version_id, model.active_version_id
-        model.active_version_id = previous
+        model.active_version_id, model.previous_version_id = model.previous_version_id, None
     else:
         raise APIError(
             409,

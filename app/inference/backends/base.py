@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import marshmallow as ma
 import numpy as np
 
 from app.errors import APIError
@@ -84,16 +85,33 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
+class NoParams(ma.Schema):
+    """A family that takes no params: any key given is a mistake, refused by name."""
+
+
 class Backend:
-    """Base class of a model family. Override only the capabilities the family has."""
+    """Base class of a model family. Override only the capabilities the family has.
+
+    `params_schema` is the family's own description of its `params`: the registry checks a new
+    version's params with it before storing the version (a 400 naming the field), and the runtime
+    checks them again before loading, so a bad catalogue entry fails that model with the same
+    message instead of taking a worker's readiness down with an error from deep inside `load`.
+    Unknown keys are refused, so a misspelt param is an error and not a silent default.
+    """
 
     family: ClassVar[str] = ""
+    params_schema: ClassVar[type[ma.Schema]] = NoParams
     capabilities: ClassVar[frozenset[str]] = frozenset()  # subset of {"chat", "embeddings", "infer"}
     cpu_bound: ClassVar[bool] = True
     thread_safe: ClassVar[bool] = True  # False: one call at a time per instance
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Raise marshmallow's ValidationError, keyed by param name, if `params` can't work."""
+        cls.params_schema().load(params)
 
     def load(self) -> None:
         """Blocking; called once, off the request path, before the model is marked ready."""

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import marshmallow as ma
 import numpy as np
 
 from app.errors import APIError
@@ -64,8 +65,20 @@ def _keep_process_stdio() -> None:
         module.suppress_stdout_stderr = _NoRedirect  # type: ignore[attr-defined]
 
 
+class LlamaCppParams(ma.Schema):
+    """The params of the module docstring; their defaults live where they are read."""
+
+    model_path = ma.fields.String(validate=ma.validate.Length(min=1))
+    n_ctx = ma.fields.Integer(validate=ma.validate.Range(min=16))
+    n_threads = ma.fields.Integer(validate=ma.validate.Range(min=1))
+    seed = ma.fields.Integer()
+    temperature = ma.fields.Float(validate=ma.validate.Range(min=0))
+    top_p = ma.fields.Float(validate=ma.validate.Range(min=0, max=1))
+
+
 class LlamaCppBackend(Backend):
     family = "llama_cpp"
+    params_schema = LlamaCppParams
     capabilities = frozenset({"chat"})
     cpu_bound = True
     thread_safe = False  # a Llama object holds one KV cache and sampler state

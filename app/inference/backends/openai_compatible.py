@@ -35,6 +35,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+import marshmallow as ma
 import numpy as np
 import structlog
 
@@ -268,8 +269,31 @@ def _release_upstream(upstream: _Upstream) -> None:
             upstream.client.close()
 
 
+class OpenAICompatibleParams(ma.Schema):
+    """What `load` reads; its defaults live there."""
+
+    base_url = ma.fields.String(
+        required=True,
+        validate=ma.validate.URL(schemes={"http", "https"}, require_tld=False),
+        metadata={"description": "The upstream's OpenAI API root, e.g. http://host:8000/v1."},
+    )
+    model = ma.fields.String(validate=ma.validate.Length(min=1))
+    api_key_env = ma.fields.String(validate=ma.validate.Length(min=1))
+    first_byte_timeout_s = ma.fields.Float(validate=ma.validate.Range(min=0, min_inclusive=False))
+    deadline_s = ma.fields.Float(validate=ma.validate.Range(min=0, min_inclusive=False))
+    max_retries = ma.fields.Integer(validate=ma.validate.Range(min=0))
+    retry_backoff_s = ma.fields.Float(validate=ma.validate.Range(min=0))
+    encoding_format = ma.fields.String(validate=ma.validate.OneOf(("base64", "float")))
+    pool_size = ma.fields.Integer(validate=ma.validate.Range(min=1))
+    connect_timeout_s = ma.fields.Float(validate=ma.validate.Range(min=0, min_inclusive=False))
+    breaker_fail_max = ma.fields.Integer(validate=ma.validate.Range(min=1))
+    breaker_reset_s = ma.fields.Float(validate=ma.validate.Range(min=0, min_inclusive=False))
+    dimensions = ma.fields.Integer(validate=ma.validate.Range(min=1))
+
+
 class OpenAICompatibleBackend(Backend):
     family = "openai_compatible"
+    params_schema = OpenAICompatibleParams
     capabilities = frozenset({"chat", "embeddings"})
     cpu_bound = False
     thread_safe = True

