@@ -20,14 +20,29 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import marshmallow as ma
+
 from app.inference.backends import Backend, ModelSpec
 from app.inference.backends.base import ChatChunk, ChatRequest
 
 WORD = re.compile(r"\w+")
 
 
+class FaqParams(ma.Schema):
+    """Checked by the gateway when a version is registered, and again before it loads."""
+
+    answers = ma.fields.Dict(
+        keys=ma.fields.String(validate=ma.validate.Length(min=1)),
+        values=ma.fields.String(validate=ma.validate.Length(min=1)),
+        required=True,
+        validate=ma.validate.Length(min=1),
+    )
+    fallback = ma.fields.String()
+
+
 class FaqBackend(Backend):
     family = "faq"
+    params_schema = FaqParams
     capabilities = frozenset({"chat"})
     cpu_bound = False  # a dictionary lookup: no need for a thread
     thread_safe = True
@@ -38,10 +53,7 @@ class FaqBackend(Backend):
         self.fallback = ""
 
     def load(self) -> None:
-        answers = self.spec.params.get("answers")
-        if not isinstance(answers, dict) or not answers:
-            raise ValueError("params.answers must map topic words to answers")
-        self.answers = {str(topic).lower(): str(text) for topic, text in answers.items()}
+        self.answers = {topic.lower(): text for topic, text in self.spec.params["answers"].items()}
         self.fallback = str(self.spec.params.get("fallback", "I don't know."))
 
     def context_length(self) -> int:
