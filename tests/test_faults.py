@@ -54,14 +54,16 @@ def simulator():
 
 
 def upstream_model(name: str, base_url: str) -> str:
+    """A catalogue entry; `slow-*` models are slow on purpose, so their deadline leaves room for it."""
+    first_byte_s, deadline_s = (5.0, 10.0) if name.startswith("slow-") else (FIRST_BYTE_TIMEOUT_S, DEADLINE_S)
     return (
         f"  - name: {name}\n"
         "    backend: openai_compatible\n"
         "    params:\n"
         f"      base_url: {base_url}\n"
         "      model: sim-model\n"
-        f"      first_byte_timeout_s: {FIRST_BYTE_TIMEOUT_S}\n"
-        f"      deadline_s: {DEADLINE_S}\n"
+        f"      first_byte_timeout_s: {first_byte_s}\n"
+        f"      deadline_s: {deadline_s}\n"
         "      max_retries: 1\n"
         "      retry_backoff_s: 0.05\n"
         # The fault cases check each failure's own mapping, not the breaker (tested on its own).
@@ -131,14 +133,20 @@ def wait_for_idle(sim: Simulator, timeout_s: float = 10) -> int:
 def test_redis_restarted_mid_load(postgres_url, simulator, tmp_path, fail_open):
     key = support.issue_key(postgres_url, "acme")
     tight = support.issue_key(postgres_url, "tight", rate_limit="3/minute")
-    with support.RedisServer() as redis_server:
-        env = gateway_env(tmp_path, postgres_url, redis_server.url, {"upstream-chat": simulator.base_url})
+    # `slow-chat` answers after 1.5 s: one of its calls is admitted before Redis dies and answered after.
+    with support.RedisServer() as redis_server, run_simulator(latency_ms=1500) as slow:
+        models = {"upstream-chat": simulator.base_url, "slow-chat": slow.base_url}
+        env = gateway_env(tmp_path, postgres_url, redis_server.url, models)
         env["RATELIMIT_FAIL_OPEN"] = str(fail_open).lower()
         with GunicornServer(env, workers=2, ready_path="/readyz") as server:
             assert [chat(server.url, tight).status_code for _ in range(4)] == [200, 200, 200, 429]
             workers = support.worker_pids(server)
             assert wait_for_metric(server.url, "gateway_http_requests_in_flight", IDLE) == IDLE
-            with SteadyLoad(server.url, key, rate=60, seconds=6) as load:
+            with SteadyLoad(server.url, key, rate=60, seconds=6) as load, ThreadPoolExecutor(1) as pool:
+                sleep_until(load.started_at + 1.0)
+                admitted = pool.submit(chat, server.url, key, {**CHAT, "model": "slow-chat"})
+                while not slow.stats()["in_flight"]:
+                    time.sleep(0.01)
                 sleep_until(load.started_at + 1.5)
                 redis_server.kill()
                 killed_at = time.monotonic()
@@ -146,6 +154,7 @@ def test_redis_restarted_mid_load(postgres_url, simulator, tmp_path, fail_open):
                 restart_at = time.monotonic()
                 redis_server.start()
                 back_at = time.monotonic()
+                admitted_answer = admitted.result()
             outcomes = load.wait()
             # Redis came back empty: a fresh window, and the tight tenant is held to its limit again.
             assert [chat(server.url, tight).status_code for _ in range(4)] == [200, 200, 200, 429]
@@ -158,6 +167,9 @@ def test_redis_restarted_mid_load(postgres_url, simulator, tmp_path, fail_open):
     ]
     assert statuses(outcomes)[500] == 0, [line for line in log.splitlines() if '"error"' in line][:3]
     assert in_flight == IDLE, "every request, refused or not, is done"
+    # Admitted while Redis was up, answered once it was gone: served, with the window read at admission.
+    assert admitted_answer.status_code == 200, admitted_answer.text
+    assert fail_open or admitted_answer.headers["X-RateLimit-Limit"] == "1000000"
     # Sent after Redis died and answered before it was started again (`back_at`: it answers PING).
     during = [o for o in outcomes if o.sent_at > killed_at and o.done_at < restart_at]
     after = [o for o in outcomes if o.sent_at > back_at]
