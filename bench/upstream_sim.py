@@ -13,8 +13,10 @@ request with an ``X-Sim-*`` header such as ``X-Sim-Latency-Ms``:
 - ``ttft_ms``: streams: delay between the headers and the first chunk; non-stream: added to the wait.
 - ``tokens_per_s``: token pace (0 = instant); non-stream waits for the whole generation time.
 - ``tokens``: completion tokens per answer (fewer, with finish_reason "length", when max_tokens is lower).
-- ``fault``: ``none``, an HTTP status (``500``, ``503``, ``429``, any 400-599), ``timeout``,
-  ``malformed`` or ``cut``.
+- ``fault``: ``none``, an HTTP status (``500``, ``503``, ``429``, any 400-599), ``timeout`` (hang before
+  the headers), ``malformed``, ``cut`` (drop the connection halfway through the body or stream) or
+  ``stall`` (send the headers and half the body or stream, then hang with the connection open, as a
+  wedged upstream does; only the client's own deadline ends it).
 - ``fault_rate``: share of requests that get the server default ``fault``; a ``X-Sim-Fault`` header
   always applies to its own request.
 - ``fail_first``: the first N requests carrying the same ``X-Sim-Key`` (no header = one shared key) fail
@@ -55,7 +57,7 @@ from aiohttp import web
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_FAULT_CAP_S = 300.0
 REQUEST_ID_HISTORY = 100
-FLAG_FAULTS = frozenset({"none", "timeout", "malformed", "cut"})
+FLAG_FAULTS = frozenset({"none", "timeout", "malformed", "cut", "stall"})
 SSE_DONE = b"data: [DONE]\n\n"
 
 
@@ -458,13 +460,15 @@ class UpstreamSim:
         if fault == "malformed":
             self.stats.faults[fault] += 1
             return web.Response(body=body[: len(body) // 2], content_type="application/json")
-        if fault != "cut":
+        if fault not in ("cut", "stall"):
             return web.Response(body=body, content_type="application/json")
         self.stats.faults[fault] += 1
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.content_length = len(body)
         await response.prepare(request)
         await response.write(body[: len(body) // 2])
+        if fault == "stall":
+            await asyncio.sleep(TIMEOUT_FAULT_CAP_S)
         _close_transport(request)
         return response
 
@@ -519,8 +523,8 @@ class UpstreamSim:
         if knobs.ttft_ms > 0:
             await asyncio.sleep(knobs.ttft_ms / 1000)
         tokens = completion.tokens
-        emitted = len(tokens) // 2 if fault == "cut" else len(tokens)
-        if fault in ("cut", "malformed"):
+        emitted = len(tokens) // 2 if fault in ("cut", "stall") else len(tokens)
+        if fault in ("cut", "malformed", "stall"):
             self.stats.faults[fault] += 1
         pending = [chunk({"role": "assistant", "content": ""})]
         loop = asyncio.get_running_loop()
@@ -537,8 +541,10 @@ class UpstreamSim:
                 pending.append(f"data: {truncated}\n\n".encode())
             else:
                 pending.append(chunk({"content": tokens[index]}))
-        if fault == "cut":
+        if fault in ("cut", "stall"):
             await response.write(b"".join(pending))
+            if fault == "stall":
+                await asyncio.sleep(TIMEOUT_FAULT_CAP_S)
             _close_transport(request)
             return
         pending.append(chunk({}, completion.finish_reason))

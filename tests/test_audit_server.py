@@ -5,7 +5,6 @@ when the database disappears mid-run (cut at a TCP proxy; the real PostgreSQL ke
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
@@ -236,18 +235,6 @@ class Load:
             return sum(1 for t, _, _ in self.results if t > moment)
 
 
-def _workers_seen(server) -> set[int]:
-    pids = set()
-    for line in server.log().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "request" and event.get("subject") and event.get("status") == 200:
-            pids.add(event["pid"])
-    return pids
-
-
 def test_kill_the_database_requests_go_on_and_no_record_is_lost_or_duplicated(
     postgres_url, simulator, tmp_path
 ):
@@ -270,9 +257,9 @@ def test_kill_the_database_requests_go_on_and_no_record_is_lost_or_duplicated(
         for _ in range(300):
             with requests.Session() as fresh:
                 warmup.append(send(fresh, server.url, key, 0)[1])
-            if len(_workers_seen(server)) == 2:
+            if len(support.workers_seen(server)) == 2:
                 break
-        assert len(_workers_seen(server)) == 2, f"one worker served all {len(warmup)} warm-up requests"
+        assert len(support.workers_seen(server)) == 2, f"one worker served all {len(warmup)} warm-up requests"
 
         with Load(server.url, key, threads=4) as load:
             time.sleep(1.5)

@@ -206,6 +206,22 @@ def test_cut_fault_non_stream_drops_mid_body(sim: Simulator) -> None:
         chat(sim, headers={"X-Sim-Fault": "cut"}).json()
 
 
+def test_stall_fault_sends_half_then_hangs_with_the_connection_open(sim: Simulator) -> None:
+    response = chat(sim, headers={"X-Sim-Fault": "stall", "X-Sim-Tokens": "8"}, stream=True, timeout=0.5)
+    received: list[str] = []
+    with pytest.raises(requests.exceptions.ConnectionError, match="timed out"):
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                received.append(line)
+    assert len(received) == 1 + 4 and all("[DONE]" not in line for line in received)
+    plain = chat(sim, headers={"X-Sim-Fault": "stall"}, stream=True, timeout=0.5)
+    assert plain.status_code == 200  # the headers came; the body never ends
+    with pytest.raises(requests.exceptions.ConnectionError, match="timed out"):
+        _ = plain.content
+    assert wait_for(lambda: sim.stats()["disconnects"] == 2)
+    assert sim.stats()["faults"] == {"stall": 2} and sim.stats()["in_flight"] == 0
+
+
 def test_fail_first_per_key(sim: Simulator) -> None:
     def status(key: str) -> int:
         return chat(sim, headers={"X-Sim-Fail-First": "2", "X-Sim-Key": key}).status_code

@@ -88,11 +88,31 @@ def check_token_endpoint() -> None:
 
 def _guarded(enforce: Callable[[], None]) -> None:
     try:
-        enforce()
+        try:
+            enforce()
+        finally:
+            if not current_app.config["RATELIMIT_FAIL_OPEN"]:
+                _read_header_window()
     except RedisError as exc:  # reaches here only with RATELIMIT_FAIL_OPEN=false
+        # No window to show: without this, flask-limiter's header hook would ask Redis again.
+        limiter.context.view_rate_limit = None
         raise APIError(
             503,
             "Rate limiting is unavailable, and this gateway is configured to fail closed; retry shortly.",
             code="rate_limit_unavailable",
             headers={"Retry-After": "1"},
         ) from exc
+
+
+def _read_header_window() -> None:
+    """Fetch the X-RateLimit-* window now, while a Redis failure can still be answered with our 503.
+
+    flask-limiter reads it lazily, in its after_request hook, with a second Redis call; failing
+    closed, that call raises out of after_request if Redis dies while the request runs, and the
+    client gets a bare 500 from gunicorn (our hooks after it never run, so the in-flight gauge
+    leaks too). Read here, the window is cached on the limit and the hook makes no Redis call;
+    if this read fails, `_guarded` drops the limit from the headers and answers 503.
+    """
+    header_limit = limiter.current_limit
+    if header_limit is not None:
+        _ = header_limit.window
