@@ -490,7 +490,7 @@ CROSS_TENANT_MATRIX = [
     ("GET", "/v1/governance/tenants", None, "list"),
     ("POST", "/v1/governance/tenants", {"name": "hostile"}, 403),
     ("GET", "/v1/governance/users/<user_id>", None, 404),
-    ("GET", "/v1/governance/users?tenant_id=<tenant_id>", None, "list"),
+    ("GET", "/v1/governance/users?tenant_id=<tenant_id>", None, 403),
     (
         "POST",
         "/v1/governance/users",
@@ -499,7 +499,7 @@ CROSS_TENANT_MATRIX = [
     ),
     ("GET", "/v1/governance/keys/<key_id>", None, 404),
     ("POST", "/v1/governance/keys/<key_id>/revoke", None, 404),
-    ("GET", "/v1/governance/keys?tenant_id=<tenant_id>", None, "list"),
+    ("GET", "/v1/governance/keys?tenant_id=<tenant_id>", None, 403),
     ("POST", "/v1/governance/keys", {"tenant_id": "<tenant_id>", "name": "planted"}, 403),
     ("GET", "/v1/governance/policies?tenant_id=<tenant_id>", None, 403),
     ("PUT", "/v1/governance/policies", {"tenant_id": "<tenant_id>", "rules": {"max_tokens": 1}}, 403),
