@@ -475,7 +475,10 @@ class TestOnBothEngines:
                 break
         assert len(seen) == len(set(seen)) == 6  # acme-gov, acme-inference and the four new ones
         bad = client.get("/v1/governance/keys", headers=bearer(world.a_key), query_string={"cursor": "!!"})
-        assert_error(bad, 400, "invalid_cursor")
+        assert_error(bad, 422, "validation_error")  # not base64url, as the document says
+        forged_cursor = {"cursor": "AAAA"}  # base64url, but not a position this API returned
+        forged = client.get("/v1/governance/keys", headers=bearer(world.a_key), query_string=forged_cursor)
+        assert_error(forged, 400, "invalid_cursor")
 
 
 # --- tenant isolation ---------------------------------------------------------------------------

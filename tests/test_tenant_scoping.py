@@ -55,6 +55,14 @@ def tenant_routes(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 @pytest.fixture
+def app_env(tmp_path) -> dict[str, str]:
+    """vader only: these tests read the document and validation, not the models."""
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  - name: vader-sentiment\n    aliases: [vader]\n    backend: vader\n")
+    return {"MODELS_CONFIG": str(path), "MODELS_DIR": str(tmp_path)}
+
+
+@pytest.fixture
 def tenants(app) -> dict[str, str]:
     with app.app_context():
         platform = accounts.create_tenant("platform")
