@@ -32,8 +32,10 @@ _ensure_metrics_dir()
 
 def create_app(config: Mapping[str, object] | None = None) -> Flask:
     """Build the app: settings from the environment, overridden by `config` (tests)."""
+    from app.admission import GatewayFlask
+
     settings = {**load_config(), **(config or {})}
-    app = Flask(__name__, instance_path=str(settings["INSTANCE_PATH"]))
+    app = GatewayFlask(__name__, instance_path=str(settings["INSTANCE_PATH"]))
     configure(app, settings)
     register_extensions(app)
     register_blueprints(app)
@@ -53,12 +55,13 @@ def configure(app: Flask, settings: Mapping[str, object]) -> None:
 
 
 def register_extensions(app: Flask) -> None:
-    from app import health, identity, observability
+    from app import admission, health, identity, observability
     from app.extensions import api, db, jwt, limiter, metrics, migrate, redis_store
     from app.governance import audit, drift
     from app.inference import catalogue
 
     observability.init_app(app)
+    admission.init_app(app)
     db.init_app(app)
     migrate.init_app(app, db, directory=app.config["MIGRATIONS_DIR"])
     redis_store.init_app(app)

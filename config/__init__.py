@@ -112,6 +112,7 @@ class BaseConfig:
     MAX_CONTENT_LENGTH = 1 * 1024 * 1024
     WEB_CONCURRENCY = 1
     WORKER_CONNECTIONS = 1000
+    CHEAP_ROUTE_CONCURRENCY = 8
     DB_MAX_CONNECTIONS = 20
     LOG_FORMAT = "json"
     LOG_LEVEL = "INFO"
@@ -175,6 +176,7 @@ class BaseConfig:
         cfg["MAX_CONTENT_LENGTH"] = _int(env, "MAX_CONTENT_LENGTH", cls.MAX_CONTENT_LENGTH, 1024)
         cfg["WEB_CONCURRENCY"] = _int(env, "WEB_CONCURRENCY", cls.WEB_CONCURRENCY, 1)
         cfg["WORKER_CONNECTIONS"] = _int(env, "WORKER_CONNECTIONS", cls.WORKER_CONNECTIONS, 1)
+        cfg["CHEAP_ROUTE_CONCURRENCY"] = _int(env, "CHEAP_ROUTE_CONCURRENCY", cls.CHEAP_ROUTE_CONCURRENCY, 1)
         cfg["DB_MAX_CONNECTIONS"] = _int(env, "DB_MAX_CONNECTIONS", cls.DB_MAX_CONNECTIONS, 1)
         cfg["LOG_FORMAT"] = env.get("LOG_FORMAT") or cls.LOG_FORMAT
         if cfg["LOG_FORMAT"] not in {"json", "console"}:

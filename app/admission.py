@@ -1,0 +1,49 @@
+"""Cheap routes take turns, so liveness never waits behind a crowd of them.
+
+A gevent worker runs every request's Python on one hub. A cheap route (listing models, reading
+the registry, administration) is pure CPU between a few short Redis or database round trips, so
+running 200 of them at once does not serve them faster than running 8: it only makes every turn of
+the hub 200 request-slices long, and /healthz, waiting for its turn, answered in seconds
+(2,000 GET /v1/models from 200 clients: healthz p99 2.2 s, bench/liveness.py).
+
+So a request enters the app's dispatch (hooks, authentication, rate limit, view) only while it
+holds one of CHEAP_ROUTE_CONCURRENCY slots; the rest wait, first come first served, parked
+off the hub's run queue. Views marked `unbounded` skip the slots: the probes, which must answer
+whatever the load, and the model calls, which spend their time waiting on a model or an upstream
+and are bounded by each model's own `max_concurrency` and `max_queue`. The slot is released when
+the view has returned its response, so a streamed body never holds one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Flask, Response, request
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def unbounded(view: F) -> F:
+    """Mark a view (innermost decorator) as taking no cheap-route slot."""
+    view.admission_unbounded = True  # type: ignore[attr-defined]
+    return view
+
+
+class GatewayFlask(Flask):
+    """Flask whose dispatch of bounded views holds a cheap-route slot."""
+
+    def full_dispatch_request(self) -> Response:
+        slots: threading.BoundedSemaphore | None = self.extensions.get("admission_slots")
+        rule = request.url_rule
+        view = self.view_functions.get(rule.endpoint) if rule is not None else None
+        if slots is None or getattr(view, "admission_unbounded", False):
+            return super().full_dispatch_request()
+        with slots:
+            return super().full_dispatch_request()
+
+
+def init_app(app: Flask) -> None:
+    # threading's semaphore is gevent's under the worker (patched), and a real one elsewhere.
+    app.extensions["admission_slots"] = threading.BoundedSemaphore(int(app.config["CHEAP_ROUTE_CONCURRENCY"]))
