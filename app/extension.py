@@ -159,12 +159,13 @@ class FlaskAIGateway:
 
 
 def _register_extensions(app: Flask) -> None:
-    from app import docs, health, identity, observability, tracing
+    from app import admission, docs, health, identity, observability, tracing
     from app.extensions import api, db, jwt, limiter, metrics, migrate, redis_store
     from app.governance import audit, drift
     from app.inference import catalogue
 
     observability.init_app(app)
+    admission.init_app(app)
     db.init_app(app)
     tracing.init_app(app)  # before the hooks below, so the request span is open when they run
     migrate.init_app(app, db, directory=app.config["MIGRATIONS_DIR"])

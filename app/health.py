@@ -13,6 +13,7 @@ import marshmallow as ma
 from flask import Flask, current_app
 from sqlalchemy import text
 
+from app.admission import unbounded
 from app.api import GatewayBlueprint
 from app.extensions import db, redis_store
 
@@ -56,6 +57,7 @@ class ReadinessSchema(ma.Schema):
 
 @blp.route("/healthz")
 @blp.response(200, LivenessSchema)
+@unbounded
 def healthz() -> dict[str, str]:
     """Liveness: the worker answers. Touches no dependency."""
     return {"status": "ok"}
@@ -64,6 +66,7 @@ def healthz() -> dict[str, str]:
 @blp.route("/readyz")
 @blp.response(200, ReadinessSchema)
 @blp.alt_response(503, schema=ReadinessSchema, description="Something the service needs is not ready.")
+@unbounded
 def readyz() -> tuple[dict[str, object], int]:
     """Readiness: database, Redis when configured, and every model."""
     results = []

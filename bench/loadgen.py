@@ -101,6 +101,14 @@ class Target:
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     stream: bool = False
     valid: Callable[[Any], bool] = is_chat_completion
+    method: str = "POST"
+
+    @classmethod
+    def get(
+        cls, url: str, *, headers: Mapping[str, str] | None = None, valid: Callable[[Any], bool]
+    ) -> Target:
+        """A bodiless GET (cheap routes such as /v1/models), judged by ``valid``."""
+        return cls(url=url, body=b"", headers=dict(headers or {}), valid=valid, method="GET")
 
     @classmethod
     def chat(
@@ -243,8 +251,8 @@ async def _one(
     recorder.outcomes.append(outcome)
     recorder.start()
     try:
-        async with session.post(
-            target.url, data=target.body, headers=target.headers, timeout=timeout
+        async with session.request(
+            target.method, target.url, data=target.body or None, headers=target.headers, timeout=timeout
         ) as resp:
             if resp.status >= 400:
                 await resp.read()
@@ -354,7 +362,9 @@ async def _closed_clients(
     timeout: aiohttp.ClientTimeout,
     recorder: _Recorder,
     start: float,
+    count: int | None = None,
 ) -> list[asyncio.Task[None]]:
+    """``clients`` loops until ``duration_s`` is over, or until ``count`` requests were sent."""
     loop = asyncio.get_running_loop()
     end = start + duration_s
 
@@ -362,7 +372,7 @@ async def _closed_clients(
         session = sessions[index % len(sessions)]
         # Stagger the first requests over 100 ms so clients don't start in lockstep.
         await asyncio.sleep(max(0.0, start + 0.1 * index / clients - loop.time()))
-        while loop.time() < end:
+        while loop.time() < end and (count is None or len(recorder.outcomes) < count):
             await _one(session, target, loop.time(), timeout, recorder)
 
     return [asyncio.create_task(client(i)) for i in range(clients)]
@@ -385,8 +395,9 @@ async def run_load(
 
     mode "open" (and "ramp", the same arrivals named for stream build-up) sends ``count`` requests,
     by default ``rate * duration_s``, at a fixed rate; "closed" runs ``clients`` loops for
-    ``duration_s``. Each request gives up after ``timeout_s``; the run ends when all have finished
-    or given up, so its length is bounded by ``duration_s + timeout_s``.
+    ``duration_s``, or until ``count`` requests were sent if it is given. Each request gives up
+    after ``timeout_s``; the run ends when all have finished or given up, so its length is
+    bounded by ``duration_s + timeout_s``.
     """
     if mode not in ("open", "ramp", "closed"):
         raise ValueError(f"mode must be open, ramp or closed, got {mode!r}")
@@ -407,7 +418,9 @@ async def run_load(
     wall_start = time.time()
     try:
         if mode == "closed":
-            tasks = await _closed_clients(sessions, target, clients, duration_s, timeout, recorder, start)
+            tasks = await _closed_clients(
+                sessions, target, clients, duration_s, timeout, recorder, start, count
+            )
         else:
             tasks = await _open_arrivals(sessions, target, rate, total, timeout, recorder, start)
         await asyncio.gather(*tasks)
@@ -425,7 +438,7 @@ async def run_load(
         "rate": rate if mode != "closed" else None,
         "clients": clients if mode == "closed" else None,
         "duration_s": duration_s,
-        "requests_planned": total if mode != "closed" else None,
+        "requests_planned": total if mode != "closed" else count,
         "timeout_s": timeout_s,
         "connections": connections,
         "source_addresses": [s or "auto" for s in _source_addresses(target.url, connections)],
@@ -504,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second (open, ramp)")
     parser.add_argument("--clients", type=int, default=0, help="concurrent clients (closed)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of sending")
-    parser.add_argument("--count", type=int, default=None, help="requests to send (open, ramp)")
+    parser.add_argument("--count", type=int, default=None, help="requests to send (closed: at most)")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request limit, seconds")
     parser.add_argument("--connections", type=int, default=None)
     parser.add_argument("--stream", action="store_true")

@@ -435,7 +435,9 @@ def test_filters_and_cursor_pages(app, client, world):
     first = records(app)[0]
     assert first["request_id"] == responses[0].headers["X-Request-ID"]
     bad = call(client, "GET", "/v1/governance/audit", world.admin, query_string={"cursor": "!!"})
-    assert bad.status_code == 400 and bad.get_json()["error"]["code"] == "invalid_cursor"
+    assert bad.status_code == 422 and bad.get_json()["error"]["param"] == "cursor"  # not base64url
+    forged = call(client, "GET", "/v1/governance/audit", world.admin, query_string={"cursor": "AAAA"})
+    assert forged.status_code == 400 and forged.get_json()["error"]["code"] == "invalid_cursor"
 
 
 def test_tenants_see_only_their_own_records(app, client, world):

@@ -12,12 +12,14 @@ Errors use RFC 6749 section 5.2 codes as `error.code` in the gateway's error sha
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import marshmallow as ma
 from flask import request
 
-from app.errors import APIError
+from app.errors import APIError, flatten_messages
 from app.governance import blp
 from app.identity import limits, tokens
 from app.identity import scopes as sc
@@ -29,18 +31,54 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 GRANT_TYPES = ("password", "client_credentials")
 
 
+def _one_of(names: tuple[str, ...]) -> str:
+    return "|".join(re.escape(name) for name in names)
+
+
+# Space-separated known scopes, or empty (= every scope the credential holds).
+SCOPE_PATTERN = rf"^(?:(?:{_one_of(sc.SCOPES)})(?: (?:{_one_of(sc.SCOPES)}))*)?$"
+
+
 class TokenRequestSchema(ma.Schema):
-    """Every field optional here so that a missing one is answered with RFC 6749's `invalid_request`."""
+    """The form RFC 6749 defines, exactly as strict as the document says.
+
+    A refusal is 400 with RFC 6749's code (`invalid_request`, `unsupported_grant_type`,
+    `invalid_scope`) rather than a 422: OAuth2 clients read the code. Which fields a grant needs
+    is checked by the grant (400 `invalid_request`, or 401 `invalid_client` for missing client
+    authentication, which may also come as HTTP Basic).
+    """
 
     class Meta:
         unknown = ma.EXCLUDE
 
-    grant_type = ma.fields.String(metadata={"description": "`password` or `client_credentials`."})
-    username = ma.fields.String(metadata={"description": "password grant."})
-    password = ma.fields.String(metadata={"description": "password grant."})
+    grant_type = ma.fields.String(required=True, validate=ma.validate.OneOf(GRANT_TYPES))
+    username = ma.fields.String(
+        validate=ma.validate.Length(min=1), metadata={"description": "password grant."}
+    )
+    password = ma.fields.String(
+        validate=ma.validate.Length(min=1), metadata={"description": "password grant."}
+    )
     client_id = ma.fields.String(metadata={"description": "client_credentials: the API key prefix."})
     client_secret = ma.fields.String(metadata={"description": "client_credentials: the full API key."})
-    scope = ma.fields.String(metadata={"description": "Space-separated subset of the credential's scopes."})
+    scope = ma.fields.String(
+        validate=ma.validate.Regexp(SCOPE_PATTERN, error="space-separated known scopes"),
+        metadata={"description": "Space-separated subset of the credential's scopes."},
+    )
+
+    def handle_error(self, error: ma.ValidationError, data: Any, *, many: bool, **kwargs: Any) -> None:
+        messages = error.messages if isinstance(error.messages, dict) else {}
+        param = next(iter(messages), None)
+        if param == "grant_type" and isinstance(data, Mapping) and data.get("grant_type"):
+            raise oauth_error(
+                "unsupported_grant_type", f"Supported grant types: {', '.join(GRANT_TYPES)}.", param=param
+            )
+        if param == "grant_type":
+            raise oauth_error("invalid_request", "grant_type is required (form-encoded body).", param=param)
+        if param == "scope":
+            raise oauth_error("invalid_scope", f"scope: {messages[param][0]}.", param=param)
+        raise oauth_error(
+            "invalid_request", f"{param}: {flatten_messages(messages)[0]['message']}", param=param
+        )
 
 
 class TokenResponseSchema(ma.Schema):
@@ -76,7 +114,7 @@ def _requested_scopes(form: dict[str, Any], held: frozenset[str]) -> frozenset[s
     if not form.get("scope"):
         return held
     requested = frozenset(form["scope"].split())
-    if sc.unknown(requested) or not sc.grantable(held, requested):
+    if not sc.grantable(held, requested):
         raise oauth_error(
             "invalid_scope", f"The credential cannot be granted {form['scope']!r}.", param="scope"
         )
@@ -136,16 +174,7 @@ def issue_token(form: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, st
     client_secret the full key. Errors carry the RFC 6749 code in `error.code`.
     """
     limits.check_token_endpoint()
-    grant = form.get("grant_type")
-    if not grant:
-        raise oauth_error(
-            "invalid_request", "grant_type is required (form-encoded body).", param="grant_type"
-        )
-    if grant not in GRANT_TYPES:
-        raise oauth_error(
-            "unsupported_grant_type", f"Supported grant types: {', '.join(GRANT_TYPES)}.", param="grant_type"
-        )
-    body = _password_grant(form) if grant == "password" else _client_credentials_grant(form)
+    body = _password_grant(form) if form["grant_type"] == "password" else _client_credentials_grant(form)
     return body, 200, NO_STORE
 
 
@@ -162,7 +191,7 @@ def refresh_tokens() -> tuple[dict[str, Any], int, dict[str, str]]:
 
 
 @blp.route("/v1/auth/revoke", methods=["POST"])
-@blp.doc(security=[{"bearerAuth": []}], responses={401: "UNAUTHORIZED"})
+@blp.doc(security=[{"bearerAuth": []}], responses={400: "BAD_REQUEST", 401: "UNAUTHORIZED"})
 @blp.response(200, RevokedSchema)
 def revoke_tokens() -> dict[str, list[str]]:
     """Revoke the bearer JWT

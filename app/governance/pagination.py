@@ -20,7 +20,10 @@ from app.extensions import db
 
 class PageArgsSchema(ma.Schema):
     limit = ma.fields.Integer(load_default=50, validate=ma.validate.Range(min=1, max=200))
-    cursor = ma.fields.String(metadata={"description": "`next_cursor` of the previous page."})
+    cursor = ma.fields.String(
+        validate=ma.validate.Regexp(r"^[A-Za-z0-9_-]*={0,2}$", error="not a cursor this API returned"),
+        metadata={"description": "`next_cursor` of the previous page (opaque, base64url)."},
+    )
 
 
 class PageSchema(ma.Schema):

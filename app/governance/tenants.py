@@ -6,6 +6,7 @@ from typing import Any
 
 import marshmallow as ma
 
+from app.fields import StrictBoolean, StrictInteger
 from app.governance import blp
 from app.governance.pagination import PageArgsSchema, PageSchema, paginate
 from app.identity import accounts
@@ -15,6 +16,12 @@ from app.identity.scopes import ADMIN, GOVERNANCE_READ
 from app.identity.scoping import get_scoped_or_404, scoped_select
 
 RATE_LIMIT_HELP = "flask-limiter syntax, e.g. `600/minute`; null = the gateway default."
+# flask-limiter's grammar (limits.util.EXPR) with its granularities spelled out, so the document's
+# `pattern` admits exactly the strings the limiter parses, not merely any string.
+_ONE_LIMIT = r" *[0-9]+ *(?:/| *per *) *(?:[0-9]+)? *(?:second|minute|hour|day|month|year)s? *"
+RATE_LIMIT = ma.validate.Regexp(
+    rf"^{_ONE_LIMIT}(?:[,;|]{_ONE_LIMIT})*$", error="not a rate limit like '600/minute'"
+)
 
 
 class TenantSchema(ma.Schema):
@@ -23,14 +30,14 @@ class TenantSchema(ma.Schema):
         required=True, validate=ma.validate.Regexp(r"^[a-z0-9][a-z0-9_.-]{0,63}$", error="lowercase slug")
     )
     rate_limit = ma.fields.String(
-        allow_none=True, validate=accounts.validate_rate_limit, metadata={"description": RATE_LIMIT_HELP}
+        allow_none=True, validate=RATE_LIMIT, metadata={"description": RATE_LIMIT_HELP}
     )
     key_rate_limit = ma.fields.String(
         allow_none=True,
-        validate=accounts.validate_rate_limit,
+        validate=RATE_LIMIT,
         metadata={"description": "Per API key or user within the tenant; null = none."},
     )
-    token_quota = ma.fields.Integer(
+    token_quota = StrictInteger(
         allow_none=True,
         validate=ma.validate.Range(min=0),
         metadata={"description": "Tokens per quota_period; null = unlimited."},
@@ -41,11 +48,11 @@ class TenantSchema(ma.Schema):
 
 
 class TenantUpdateSchema(ma.Schema):
-    rate_limit = ma.fields.String(allow_none=True, validate=accounts.validate_rate_limit)
-    key_rate_limit = ma.fields.String(allow_none=True, validate=accounts.validate_rate_limit)
-    token_quota = ma.fields.Integer(allow_none=True, validate=ma.validate.Range(min=0))
+    rate_limit = ma.fields.String(allow_none=True, validate=RATE_LIMIT)
+    key_rate_limit = ma.fields.String(allow_none=True, validate=RATE_LIMIT)
+    token_quota = StrictInteger(allow_none=True, validate=ma.validate.Range(min=0))
     quota_period = ma.fields.String(validate=ma.validate.OneOf(accounts.QUOTA_PERIODS))
-    active = ma.fields.Boolean()
+    active = StrictBoolean()
 
 
 class TenantPageSchema(PageSchema):

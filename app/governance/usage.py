@@ -19,10 +19,10 @@ from sqlalchemy import Integer, case, func, select
 from app.extensions import db
 from app.governance import blp
 from app.governance.audit.models import AuditRecord
-from app.governance.audit.routes import tenant_filter
 from app.identity import scopes as sc
 from app.identity.models import utcnow
-from app.identity.principal import current_principal, require_scopes
+from app.identity.principal import require_scopes
+from app.identity.scoping import tenant_scope
 from app.timestamps import as_utc
 
 DEFAULT_WINDOW = timedelta(days=30)
@@ -66,10 +66,7 @@ def usage_report(args: dict[str, Any]) -> dict[str, Any]:
     Requests, tokens in and out, errors and p50/p95 latency of inference calls. A platform admin
     sees every tenant (or the one named); anyone else sees their own tenant.
     """
-    principal = current_principal()
-    tenant_id = tenant_filter(principal, args.get("tenant_id"))
-    if not principal.is_admin:
-        tenant_id = principal.tenant_id
+    tenant_id = tenant_scope(args.get("tenant_id"))
     # Echoed in UTC like every timestamp the gateway writes, whatever offset the caller used.
     since = as_utc(args["since"]) if args.get("since") else utcnow() - DEFAULT_WINDOW
     until = as_utc(args["until"]) if args.get("until") else None

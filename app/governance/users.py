@@ -17,10 +17,11 @@ from app.identity.scoping import get_scoped_or_404, scoped_select, target_tenant
 
 
 class ScopeList(ma.fields.List):
-    """Scopes as a JSON list; the models store them space-separated."""
+    """Scopes as a JSON list of known scope names (an enum in the document); the models store
+    them space-separated."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(ma.fields.String(), validate=accounts.validate_scopes, **kwargs)
+        super().__init__(ma.fields.String(validate=ma.validate.OneOf(sc.SCOPES)), **kwargs)
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> list[str] | None:
         return None if value is None else sorted(value.split() if isinstance(value, str) else value)

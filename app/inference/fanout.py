@@ -21,6 +21,7 @@ import marshmallow as ma
 import structlog
 from flask import copy_current_request_context, g
 
+from app.admission import unbounded
 from app.errors import APIError, flatten_messages
 from app.identity.principal import Principal, current_principal, require_scopes
 from app.inference import blp, service
@@ -107,6 +108,7 @@ class _Call:
 @require_scopes("inference:invoke")
 @blp.arguments(FanoutRequestSchema)
 @blp.response(200, FanoutResponseSchema)
+@unbounded
 def fanout(body: dict[str, Any]) -> dict[str, Any]:
     """Run several model calls at once. `all`: every result with its status and latency (a failed
     call does not fail the rest); `first`: the first success, the rest cancelled."""

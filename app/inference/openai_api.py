@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Response
 
+from app.admission import unbounded
 from app.identity.principal import current_principal, require_scopes
 from app.inference import blp, service
 from app.inference.catalogue import catalogue
@@ -67,6 +68,7 @@ def get_model(model_id: str) -> dict[str, Any]:
     description=SSE_DESCRIPTION,
     success=True,
 )
+@unbounded
 def chat_completions(body: dict[str, Any]) -> dict[str, Any] | Response:
     """Chat completion, as OpenAI's API: JSON, or server-sent events with `stream: true`."""
     return service.chat_completion(current_principal(), body)
@@ -76,6 +78,7 @@ def chat_completions(body: dict[str, Any]) -> dict[str, Any] | Response:
 @require_scopes("inference:invoke")
 @blp.arguments(EmbeddingRequestSchema)
 @blp.response(200, EmbeddingListSchema)
+@unbounded
 def embeddings(body: dict[str, Any]) -> dict[str, Any]:
     """Embeddings for one string or a list, as float lists or base64 float32."""
     return service.run_embeddings(current_principal(), body)

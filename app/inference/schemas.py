@@ -197,7 +197,12 @@ class TensorSchema(Base):
     name = ma.fields.String(required=True)
     shape = ma.fields.List(ma.fields.Integer(validate=validate.Range(min=0)), required=True)
     datatype = ma.fields.String(required=True, validate=validate.OneOf(DATATYPES))
-    data = ma.fields.Raw(required=True, metadata={"description": "Flattened row-major, or nested lists."})
+    data = ma.fields.List(
+        # Never null, at any depth: the document says which values a tensor holds.
+        ma.fields.Raw(metadata={"oneOf": [{"type": t} for t in ("number", "string", "boolean", "array")]}),
+        required=True,
+        metadata={"description": "Flattened row-major, or nested lists."},
+    )
     parameters = ma.fields.Dict()
 
 

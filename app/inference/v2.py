@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.admission import unbounded
 from app.identity.principal import current_principal, require_scopes
 from app.inference import blp, service
 from app.inference.catalogue import catalogue
@@ -12,6 +13,7 @@ from app.inference.schemas import InferenceRequestSchema, InferenceResponseSchem
 
 @blp.route("/v2/health/live")
 @blp.response(200, description="The server is live.")
+@unbounded
 def v2_live() -> dict[str, bool]:
     """Liveness, in the protocol's own path."""
     return {"live": True}
@@ -20,6 +22,7 @@ def v2_live() -> dict[str, bool]:
 @blp.route("/v2/health/ready")
 @blp.response(200, description="Every required model is loaded.")
 @blp.alt_response(503, description="Some required model is not loaded yet, or failed.")
+@unbounded
 def v2_ready() -> tuple[dict[str, bool], int]:
     """Readiness of the models: the required ones, as /readyz judges them."""
     models = catalogue()
@@ -78,6 +81,7 @@ def v2_model_version_ready(name: str, version: str) -> tuple[dict[str, Any], int
 @require_scopes("inference:invoke")
 @blp.arguments(InferenceRequestSchema)
 @blp.response(200, InferenceResponseSchema)
+@unbounded
 def v2_infer(body: dict[str, Any], name: str) -> dict[str, Any]:
     """Inference; tensors are checked against the model's metadata."""
     return service.run_infer(current_principal(), name, None, body)
@@ -87,6 +91,7 @@ def v2_infer(body: dict[str, Any], name: str) -> dict[str, Any]:
 @require_scopes("inference:invoke")
 @blp.arguments(InferenceRequestSchema)
 @blp.response(200, InferenceResponseSchema)
+@unbounded
 def v2_infer_version(body: dict[str, Any], name: str, version: str) -> dict[str, Any]:
     """Inference on one version."""
     return service.run_infer(current_principal(), name, version, body)

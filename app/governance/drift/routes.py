@@ -13,10 +13,10 @@ from typing import Any
 import marshmallow as ma
 
 from app.governance import blp
-from app.governance.audit.routes import tenant_filter
 from app.governance.drift.monitor import monitor
-from app.identity.principal import current_principal, require_scopes
+from app.identity.principal import require_scopes
 from app.identity.scopes import GOVERNANCE_READ
+from app.identity.scoping import tenant_scope
 
 
 class DriftArgsSchema(ma.Schema):
@@ -93,8 +93,4 @@ def model_drift(args: dict[str, Any], name: str) -> dict[str, Any]:
     sees the drift of its own inputs only; a platform admin sees every tenant's together, or one
     tenant's with `tenant_id`. The `gateway_model_drift_*` gauges show the all-tenants figures.
     """
-    principal = current_principal()
-    tenant_id = tenant_filter(principal, args.get("tenant_id"))
-    if not principal.is_admin:
-        tenant_id = principal.tenant_id
-    return monitor().report(name, tenant_id)
+    return monitor().report(name, tenant_scope(args.get("tenant_id")))

@@ -11,7 +11,6 @@ from typing import Any
 
 import marshmallow as ma
 
-from app.errors import APIError
 from app.extensions import db
 from app.governance import blp
 from app.governance.pagination import PageArgsSchema, PageSchema, paginate
@@ -20,7 +19,7 @@ from app.governance.policies.models import Policy
 from app.governance.policies.rules import DEFAULT_SCOPE, RulesSchema
 from app.identity import scopes as sc
 from app.identity.principal import current_principal, require_scopes
-from app.identity.scoping import scoped_select, target_tenant
+from app.identity.scoping import scoped_select, target_tenant, tenant_scope
 
 TENANT_HELP = 'Default: the caller\'s tenant. A platform admin may name any tenant, or "default".'
 
@@ -57,12 +56,10 @@ class PolicyPageSchema(PageSchema):
 
 
 def _scope(requested: str | None) -> str:
-    """The scope a call acts on; raises 403 across tenants (and on "default") for a non-admin."""
+    """The scope a call acts on. "default" is not a tenant of anyone's, so `tenant_scope` lets
+    only the platform admin name it, as it does any other tenant."""
     if requested == DEFAULT_SCOPE:
-        if not current_principal().is_admin:
-            raise APIError(
-                403, "Only a platform admin may read or set the default policy.", code="cross_tenant"
-            )
+        tenant_scope(requested)
         return DEFAULT_SCOPE
     return target_tenant(requested).id
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import marshmallow as ma
 
+from app.fields import StrictBoolean, StrictInteger
 from app.governance.policies.detectors import DETECTORS
 
 ACTIONS: tuple[str, ...] = ("allow", "redact", "block")
@@ -43,13 +44,13 @@ class RulesSchema(ma.Schema):
             "its model); null = all."
         },
     )
-    max_tokens = ma.fields.Integer(
+    max_tokens = StrictInteger(
         allow_none=True,
         load_default=None,
         validate=ma.validate.Range(min=1),
         metadata={"description": "Cap on a request's max_tokens; null = the model's own limit."},
     )
-    max_input_chars = ma.fields.Integer(
+    max_input_chars = StrictInteger(
         allow_none=True,
         load_default=None,
         validate=ma.validate.Range(min=1),
@@ -66,11 +67,11 @@ class RulesSchema(ma.Schema):
         load_default=_all_allowed,
         metadata={"description": f"Action per detector ({', '.join(ACTIONS)}); omitted = allow."},
     )
-    redact_output = ma.fields.Boolean(
+    redact_output = StrictBoolean(
         load_default=False,
         metadata={"description": "Also redact, in model output, what the redact or block detectors find."},
     )
-    audit_raw_content = ma.fields.Boolean(
+    audit_raw_content = StrictBoolean(
         load_default=False,
         metadata={"description": "The tenant opts in to raw content in its audit records."},
     )
