@@ -74,13 +74,18 @@ def tenants(app) -> dict[str, str]:
         return {"admin": admin, "acme_key": acme_key, "acme": acme.id, "globex": globex.id}
 
 
+# Values for path parameters, so a route like /models/{name}/drift reaches a real resource.
+PATH_VALUES = {"name": "vader-sentiment"}
+
+
 def _call(client, method: str, path: str, where: str, key: str, tenant_id: str):
     headers = {"Authorization": f"Bearer {key}"}
+    url = path.format(**PATH_VALUES)
     if where == "query":
-        return client.open(path, method=method, headers=headers, query_string={"tenant_id": tenant_id})
+        return client.open(url, method=method, headers=headers, query_string={"tenant_id": tenant_id})
     assert (method, path) in BODIES, f"{method} {path} takes tenant_id in its body: add it to BODIES"
     return client.open(
-        path, method=method, headers=headers, json={**BODIES[(method, path)](), "tenant_id": tenant_id}
+        url, method=method, headers=headers, json={**BODIES[(method, path)](), "tenant_id": tenant_id}
     )
 
 
