@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.extensions import db
+from app.identity import auth_throttle
 from app.identity import scopes as sc
 from app.identity.accounts import check_admin_grant, lookup_session, validate_scopes
 from app.identity.cache import cache
@@ -122,13 +123,16 @@ def find_key(client_id: str, presented: str) -> VerifiedKey | None:
 
 
 def _load(presented: str) -> VerifiedKey | None:
+    """A cache miss: throttled by past failures first (429, no hash), then one argon2 verification."""
     parts = split_key(presented)
-    if parts is None:
-        return None
-    prefix, secret = parts
-    with lookup_session() as session:
-        key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    prefix, secret = parts if parts is not None else (None, "")
+    auth_throttle.check(prefix)
+    key = None
+    if prefix is not None:
+        with lookup_session() as session:
+            key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
     if key is None or key.revoked_at is not None or not verify_secret(key.secret_hash, secret):
+        auth_throttle.failed(prefix)
         return None
     return VerifiedKey(
         key_id=key.id,
