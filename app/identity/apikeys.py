@@ -123,17 +123,21 @@ def find_key(client_id: str, presented: str) -> VerifiedKey | None:
 
 
 def _load(presented: str) -> VerifiedKey | None:
-    """A cache miss: throttled by past failures first (429, no hash), then one argon2 verification."""
+    """A cache miss: throttled by past failures first (429, no hash), then one argon2 verification,
+    in a real OS thread so the worker's hub keeps serving other requests meanwhile."""
+    from app.inference.offload import run_in_thread  # here: importing app.inference imports this module
+
     parts = split_key(presented)
     prefix, secret = parts if parts is not None else (None, "")
-    auth_throttle.check(prefix)
-    key = None
-    if prefix is not None:
-        with lookup_session() as session:
-            key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    if key is None or key.revoked_at is not None or not verify_secret(key.secret_hash, secret):
-        auth_throttle.failed(prefix)
-        return None
+    with auth_throttle.attempt(prefix) as failed:
+        key = None
+        if prefix is not None:
+            with lookup_session() as session:
+                key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        valid = key is not None and key.revoked_at is None
+        if not (valid and run_in_thread(verify_secret, key.secret_hash, secret)):  # type: ignore[union-attr]
+            failed()
+            return None
     return VerifiedKey(
         key_id=key.id,
         tenant_id=key.tenant_id,

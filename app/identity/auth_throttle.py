@@ -24,6 +24,17 @@ NAT) is throttled with it. A key already verified and cached in the worker (AUTH
 is served without a hash and is never throttled. The client address is `request.remote_addr`:
 behind a proxy, configure Werkzeug's ProxyFix so it is the real client's.
 
+Counting happens after the hash (only a failure is known to be one), so checking and counting
+are two steps, and attempts that pass the check together would all be hashed before any of them
+is counted: under a flood the limit would be overshot by everything that arrives during a hash.
+So each worker runs one verification at a time per client address (`attempt` holds a per-address
+gate across check, hash and count); concurrent attempts from one address queue, and once it is
+over its budget each costs two Redis round trips. The overshoot is then at most one attempt per
+address and worker. Concurrent requests from one address with one valid key still verify once:
+the key cache's single flight holds the others, then serves them from the cache. Once a bucket
+is over its limit, the worker remembers until when (`_blocks`), so the rest of a flood is
+refused without a Redis round trip or a wait.
+
 If the storage is unreachable, RATELIMIT_FAIL_OPEN decides, as for every other limit: true
 verifies as if no failures were counted, false answers 503 `rate_limit_unavailable`.
 """
@@ -31,7 +42,11 @@ verifies as if no failures were counted, false answers 503 `rate_limit_unavailab
 from __future__ import annotations
 
 import math
+import threading
 import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import structlog
 from flask import current_app, has_request_context, request
@@ -46,8 +61,42 @@ log = structlog.get_logger(__name__)
 NAMESPACE = "auth-failures"
 
 
+class _Gate:
+    __slots__ = ("__weakref__", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+_gates: weakref.WeakValueDictionary[str, _Gate] = weakref.WeakValueDictionary()
+_gates_lock = threading.Lock()
+
+
+def _gate(address: str) -> _Gate:
+    """This process's gate for `address`; it lives as long as someone holds or waits on it."""
+    with _gates_lock:
+        gate = _gates.get(address)
+        if gate is None:
+            gate = _gates[address] = _Gate()
+        return gate
+
+
 def _address() -> str:
     return (request.remote_addr or "unknown") if has_request_context() else "local"
+
+
+@contextmanager
+def attempt(prefix: str | None) -> Iterator[Callable[[], None]]:
+    """Around one verification: 429 if it must not be made, else yields `failed` to call when the
+    presented key turns out invalid. One verification per client address at a time (see above)."""
+    address = _address()
+    for bucket in (("address", address), ("pair", prefix, address) if prefix else None):
+        until = _blocked_until(bucket) if bucket else None
+        if until is not None:
+            raise _refusal(until)
+    with _gate(address).lock:
+        check(prefix, address)
+        yield lambda: failed(prefix, address)
 
 
 def _limits() -> tuple[RateLimitItem, RateLimitItem, RateLimitItem]:
@@ -57,25 +106,23 @@ def _limits() -> tuple[RateLimitItem, RateLimitItem, RateLimitItem]:
     return per_address, per_prefix, type(per_prefix)(1, per_prefix.multiples)
 
 
-def check(prefix: str | None) -> None:
-    """Raise 429 if this attempt must not be verified; call before any hash or lookup."""
-    address = _address()
+def check(prefix: str | None, address: str) -> None:
+    """Raise 429 if this attempt must not be verified; runs before any hash or lookup."""
     per_address, per_prefix, per_pair = _limits()
     strategy = limiter.limiter
     try:
         if not strategy.test(per_address, NAMESPACE, "address", address):
-            raise _throttled(per_address, ("address", address))
+            raise _block(per_address, ("address", address))
         if prefix is None or strategy.test(per_prefix, NAMESPACE, "prefix", prefix):
             return
         if not strategy.test(per_pair, NAMESPACE, "pair", prefix, address):
-            raise _throttled(per_pair, ("pair", prefix, address))
+            raise _block(per_pair, ("pair", prefix, address))
     except RedisError as exc:
         _storage_down(exc)
 
 
-def failed(prefix: str | None) -> None:
+def failed(prefix: str | None, address: str) -> None:
     """Count one failed verification against the address, the prefix and the pair."""
-    address = _address()
     per_address, per_prefix, per_pair = _limits()
     strategy = limiter.limiter
     try:
@@ -87,10 +134,41 @@ def failed(prefix: str | None) -> None:
         _storage_down(exc)
 
 
-def _throttled(item: RateLimitItem, identifiers: tuple[str, ...]) -> APIError:
-    reset, _ = limiter.limiter.get_window_stats(item, NAMESPACE, *identifiers)
-    retry_after = max(1, math.ceil(reset - time.time()))
-    log.warning("auth_failures_throttled", bucket=identifiers[0], retry_after_s=retry_after)
+# Blocks this worker has learnt from the storage: bucket -> when it ends (time.time()). A flood
+# keeps hitting a bucket that is over its limit, and each refusal after the first then costs a
+# dict lookup instead of Redis round trips and a place in the address's queue. A moving window's
+# reset is when its oldest failure leaves it, the first moment another attempt could be allowed.
+# Kept per app (tests run many apps in one process, each with its own storage).
+MAX_BLOCKS = 100_000
+
+
+def _blocks() -> dict[tuple[str | None, ...], float]:
+    return current_app.extensions.setdefault("auth_throttle_blocks", {})
+
+
+def _blocked_until(bucket: tuple[str | None, ...]) -> float | None:
+    blocks = _blocks()
+    until = blocks.get(bucket)
+    if until is not None and until <= time.time():
+        blocks.pop(bucket, None)
+        return None
+    return until
+
+
+def _block(item: RateLimitItem, bucket: tuple[str, ...]) -> APIError:
+    until, _ = limiter.limiter.get_window_stats(item, NAMESPACE, *bucket)
+    blocks = _blocks()
+    if len(blocks) >= MAX_BLOCKS:
+        now = time.time()
+        for stale in [b for b, end in blocks.items() if end <= now]:
+            blocks.pop(stale, None)
+    blocks[bucket] = until
+    log.warning("auth_failures_throttled", bucket=bucket[0], until=until)
+    return _refusal(until)
+
+
+def _refusal(until: float) -> APIError:
+    retry_after = max(1, math.ceil(until - time.time()))
     return APIError(
         429,
         f"Too many failed authentications from this client; retry in {retry_after} s.",
