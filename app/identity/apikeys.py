@@ -134,8 +134,9 @@ def _load(presented: str) -> VerifiedKey | None:
         if prefix is not None:
             with lookup_session() as session:
                 key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-        valid = key is not None and key.revoked_at is None
-        if not (valid and run_in_thread(verify_secret, key.secret_hash, secret)):  # type: ignore[union-attr]
+        if key is None or key.revoked_at is not None:
+            return None  # no hash spent, nothing to guess: counts nowhere
+        if not run_in_thread(verify_secret, key.secret_hash, secret):
             failed()
             return None
     return VerifiedKey(

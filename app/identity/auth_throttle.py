@@ -5,7 +5,10 @@ who knows a key's prefix, which is public (it is the OAuth2 client_id and shown 
 send random secrets and make each one cost that hash: a CPU denial of service bought with
 requests. So failed verifications are counted, and once over a limit further attempts are
 refused with 429 `auth_failures_throttled` and Retry-After before the database or the hasher is
-touched. Only failures count: a valid key never consumes any of these budgets.
+touched. Only failures count, and only those that cost a hash (a wrong secret for an existing,
+unrevoked key): a valid key never consumes any of these budgets, and a malformed key, an unknown
+prefix or a revoked key, refused after one indexed lookup, counts nowhere, so a client retrying
+a revoked key does not lock its address out.
 
 Two budgets, on flask-limiter's storage (Redis, so shared by every worker; moving windows):
 
