@@ -106,6 +106,9 @@ def verify_key(presented: str) -> VerifiedKey | None:
     """The key's principal if it is valid now: cached by SHA-256 of the key, else argon2 + database."""
     digest = hashlib.sha256(presented.encode()).digest()
     store = cache()
+    if store.get(("key", digest)) is None:
+        parts = split_key(presented)
+        auth_throttle.refuse_if_blocked(parts[0] if parts else None)
     store.sync()
     verified = store.get_or_load(("key", digest), lambda: _load(presented))
     if verified is None or (verified.expires_at is not None and verified.expires_at <= utcnow()):

@@ -93,13 +93,20 @@ def attempt(prefix: str | None) -> Iterator[Callable[[], None]]:
     """Around one verification: 429 if it must not be made, else yields `failed` to call when the
     presented key turns out invalid. One verification per client address at a time (see above)."""
     address = _address()
+    refuse_if_blocked(prefix)
+    with _gate(address).lock:
+        check(prefix, address)
+        yield lambda: failed(prefix, address)
+
+
+def refuse_if_blocked(prefix: str | None) -> None:
+    """429 if this worker already knows the address (or the address on this prefix) is blocked: a
+    dict lookup, so the bulk of a flood is refused before any Redis round trip, lock or hash."""
+    address = _address()
     for bucket in (("address", address), ("pair", prefix, address) if prefix else None):
         until = _blocked_until(bucket) if bucket else None
         if until is not None:
             raise _refusal(until)
-    with _gate(address).lock:
-        check(prefix, address)
-        yield lambda: failed(prefix, address)
 
 
 def _limits() -> tuple[RateLimitItem, RateLimitItem, RateLimitItem]:
