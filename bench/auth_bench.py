@@ -1,6 +1,8 @@
-"""Added latency of authentication + rate limiting per request, at a fixed 500 req/s on one worker.
+"""Added latency of authentication + rate limiting per request, at a fixed 500 req/s on one worker;
+and what a flood of bad secrets for one key prefix costs that worker.
 
     python -m bench.auth_bench [--rate 500] [--seconds 8]
+    python -m bench.auth_bench --flood-only [--flood 10000] [--flood-rate 250] [--valid-rate 50]
 
 Runs an open-loop load (latency from the intended send time) against ``/bench/open`` and
 ``/bench/guarded`` of ``bench.auth_app`` on one gevent worker pinned to core 0 (the load generator
@@ -11,6 +13,14 @@ Each route is measured twice, in the order open, guarded, guarded, open, and eac
 the mean of its two runs, so neither route alone pays for whatever a fresh worker still does in
 its first seconds. With the cache off every request verifies an argon2 hash (~20 ms of CPU, on
 purpose), so one worker can't take 500 req/s; that case is also measured at ``--off-rate``.
+
+The flood (``flood`` in auth.json): ``--flood`` requests carrying the bench key's real prefix with
+a wrong secret, at ``--flood-rate`` from eight loopback addresses (127.0.0.2-9, so the per-prefix
+throttle is exercised, not only the per-address one), while valid requests arrive at
+``--valid-rate`` from 127.0.0.1; the same valid load alone, for as long, is the baseline. The
+flood's cost is the worker's extra CPU time (utime+stime from /proc) over the baseline run's,
+as a share of one core; every 401 the flood got is one argon2 hash, every 429 none. The forged
+secret is the same on every request: nothing caches a failure, so each costs what a random one would.
 """
 
 from __future__ import annotations
@@ -126,11 +136,89 @@ def measure(url: str, key: str, rate: float, seconds: float) -> dict[str, object
     return row
 
 
+FLOOD_SOURCES = [f"127.0.0.{n}" for n in range(2, 10)]
+
+
+def worker_cpu_s(master: subprocess.Popen) -> float:
+    """CPU seconds (user + system) used so far by the gateway's one worker."""
+    # taskset execs gunicorn, so the Popen's pid is the master's.
+    children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
+    fields = Path(f"/proc/{children[0]}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _flood_and_valid(valid, flood, valid_rate: float, flood_rate: float, count: int, seconds: float):
+    return await asyncio.gather(
+        run_load(valid, rate=valid_rate, duration_s=seconds, timeout_s=10),
+        run_load(
+            flood, rate=flood_rate, count=count, duration_s=seconds, timeout_s=10, sources=FLOOD_SOURCES
+        ),
+    )
+
+
+def measure_flood(
+    proc: subprocess.Popen, url: str, key: str, count: int, flood_rate: float, valid_rate: float
+) -> dict[str, object]:
+    """Valid load alone, then the same valid load under the flood, for the flood's duration each."""
+    seconds = count / flood_rate
+    prefix = key.split("_", 1)[0]
+    valid = Target.json(
+        f"{url}/bench/guarded",
+        {},
+        headers={"Authorization": f"Bearer {key}"},
+        valid=lambda b: b == {"ok": True},
+    )
+    flood = Target.json(
+        f"{url}/bench/guarded",
+        {},
+        headers={"Authorization": f"Bearer {prefix}_{'A' * 43}"},
+        valid=lambda b: False,
+    )
+    asyncio.run(run_load(valid, rate=valid_rate, duration_s=2, timeout_s=10))  # warm-up
+    cpu = worker_cpu_s(proc)
+    baseline = asyncio.run(run_load(valid, rate=valid_rate, duration_s=seconds, timeout_s=10))
+    baseline_cpu = worker_cpu_s(proc) - cpu
+    cpu = worker_cpu_s(proc)
+    under_flood, flooded = asyncio.run(_flood_and_valid(valid, flood, valid_rate, flood_rate, count, seconds))
+    flood_cpu = worker_cpu_s(proc) - cpu - baseline_cpu
+    errors = flooded["errors"]
+    return {
+        "flood": {
+            "requests": flooded["sent"],
+            "rate": flood_rate,
+            "seconds": round(seconds, 1),
+            "source_addresses": FLOOD_SOURCES,
+            "answers": errors,
+            "hashes_computed": errors.get("http_401", 0),
+            "refused_unhashed": errors.get("http_429", 0),
+            "extra_worker_cpu_s": round(flood_cpu, 3),
+            "share_of_one_core": round(flood_cpu / seconds, 4),
+            "cpu_ms_per_flood_request": round(1000 * flood_cpu / max(1, flooded["sent"]), 3),
+        },
+        "valid_alone": {
+            "rate": valid_rate,
+            "latency_ms": baseline["latency_ms"],
+            "errors": baseline["errors"],
+            "worker_cpu_s": round(baseline_cpu, 3),
+        },
+        "valid_under_flood": {
+            "rate": valid_rate,
+            "latency_ms": under_flood["latency_ms"],
+            "errors": under_flood["errors"],
+        },
+        "valid_p99_delay_ms": round(under_flood["latency_ms"]["p99"] - baseline["latency_ms"]["p99"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--off-rate", type=float, default=20, help="also measure cache-off at this rate")
+    parser.add_argument("--flood", type=int, default=10_000, help="bad-secret requests in the flood")
+    parser.add_argument("--flood-rate", type=float, default=250)
+    parser.add_argument("--valid-rate", type=float, default=50, help="valid requests/s during the flood")
+    parser.add_argument("--flood-only", action="store_true", help="only the flood; keep the other results")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})
     workdir = Path(tempfile.mkdtemp(prefix="gw-auth-bench-"))
@@ -144,19 +232,37 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "layout": "gateway (1 gevent worker) on core 0; load generator on core 1; Redis/SQLite shared",
     }
+    out = ROOT / "bench" / "results" / "auth.json"
     cases = (
         ("cache_on", "30", args.rate),
         ("cache_off", "0", args.rate),
         ("cache_off_low_rate", "0", args.off_rate),
     )
+    flood_command = (
+        f"python -m bench.auth_bench --flood-only --flood {args.flood} --flood-rate {args.flood_rate:g} "
+        f"--valid-rate {args.valid_rate:g}"
+    )
+    if args.flood_only:
+        previous = json.loads(out.read_text()) if out.exists() else {}
+        results = {**previous, "flood": {**results, "command": flood_command}}
+        cases = ()
     for cache, ttl, rate in cases:
         proc, url = start(workdir, db_url, ttl)
         try:
             results[cache] = measure(url, key, rate, args.seconds)
         finally:
             stop(proc)
-    out = ROOT / "bench" / "results" / "auth.json"
+    proc, url = start(workdir, db_url, "30")
+    try:
+        flood = measure_flood(proc, url, key, args.flood, args.flood_rate, args.valid_rate)
+    finally:
+        stop(proc)
+    if args.flood_only:
+        results["flood"].update(flood)  # type: ignore[union-attr]
+    else:
+        results["flood"] = {"command": flood_command, **flood}
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print("flood", json.dumps(flood, indent=2, default=str))
     for cache, _, _ in cases:
         row = results[cache]  # type: ignore[assignment]
         print(cache, "open", row["open"]["latency_ms"], row["open"].get("errors"))  # type: ignore[index]

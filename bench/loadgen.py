@@ -287,8 +287,8 @@ def _source_addresses(url: str, connections: int) -> list[str | None]:
     return [f"127.0.0.{i + 1}" for i in range(count)]
 
 
-def _sessions(url: str, connections: int) -> list[aiohttp.ClientSession]:
-    sources = _source_addresses(url, connections)
+def _sessions(url: str, connections: int, chosen: Sequence[str] | None = None) -> list[aiohttp.ClientSession]:
+    sources: Sequence[str | None] = chosen or _source_addresses(url, connections)
     per_session = max(1, math.ceil(connections / len(sources)))
     return [
         aiohttp.ClientSession(
@@ -390,6 +390,7 @@ async def run_load(
     connections: int | None = None,
     sample_interval_s: float = 1.0,
     probe: Callable[[], Mapping[str, Any]] | None = None,
+    sources: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run one load and return its summary (JSON-ready).
 
@@ -397,7 +398,8 @@ async def run_load(
     by default ``rate * duration_s``, at a fixed rate; "closed" runs ``clients`` loops for
     ``duration_s``, or until ``count`` requests were sent if it is given. Each request gives up
     after ``timeout_s``; the run ends when all have finished or given up, so its length is
-    bounded by ``duration_s + timeout_s``.
+    bounded by ``duration_s + timeout_s``. ``sources`` names the loopback addresses to send from
+    (default: as many as the connections need, from 127.0.0.1).
     """
     if mode not in ("open", "ramp", "closed"):
         raise ValueError(f"mode must be open, ramp or closed, got {mode!r}")
@@ -412,7 +414,7 @@ async def run_load(
     loop = asyncio.get_running_loop()
     recorder = _Recorder()
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    sessions = _sessions(target.url, connections)
+    sessions = _sessions(target.url, connections, sources)
     start = loop.time() + 0.05
     sampler = asyncio.create_task(_sample_gauges(recorder, start, sample_interval_s, probe))
     wall_start = time.time()
@@ -441,7 +443,9 @@ async def run_load(
         "requests_planned": total if mode != "closed" else count,
         "timeout_s": timeout_s,
         "connections": connections,
-        "source_addresses": [s or "auto" for s in _source_addresses(target.url, connections)],
+        "source_addresses": list(
+            sources or [s or "auto" for s in _source_addresses(target.url, connections)]
+        ),
         "fd_limit": fd_limit,
         "started_at": wall_start,
     }

@@ -131,6 +131,8 @@ class BaseConfig:
     DRIFT_CENTROID_THRESHOLD = 0.3
     DRIFT_INTERVAL_S = 60.0
     USAGE_LEDGER_FLUSH_S = 1.0
+    # How long a quota reservation outlives a worker that died holding it (see identity/quota.py).
+    QUOTA_LEASE_S = 30.0
     DRIFT_REFERENCE_TEXTS = str(ROOT / "config" / "drift_reference_texts.txt")
     SSE_PING_INTERVAL_S = 5.0
     BOOTSTRAP = True
@@ -140,6 +142,9 @@ class BaseConfig:
     RATE_LIMIT_DEFAULT = "600/minute"
     RATE_LIMIT_PER_KEY_DEFAULT = ""
     AUTH_TOKEN_RATE_LIMIT = "30/minute"
+    # Failed API-key verifications before further ones are refused unhashed (identity/auth_throttle.py).
+    AUTH_FAILURE_LIMIT_PER_ADDRESS = "20/minute"
+    AUTH_FAILURE_LIMIT_PER_PREFIX = "50/minute"
     AUTH_KEY_CACHE_TTL_S = 30
     UPSTREAM_SIM = False
 
@@ -210,11 +215,18 @@ class BaseConfig:
         cfg["USAGE_LEDGER_FLUSH_S"] = _float(env, "USAGE_LEDGER_FLUSH_INTERVAL", cls.USAGE_LEDGER_FLUSH_S)
         if float(cfg["USAGE_LEDGER_FLUSH_S"]) <= 0:  # type: ignore[arg-type]
             raise ConfigError("USAGE_LEDGER_FLUSH_INTERVAL", "must be > 0 seconds")
+        cfg["QUOTA_LEASE_S"] = _float(env, "QUOTA_LEASE_SECONDS", cls.QUOTA_LEASE_S)
+        if float(cfg["QUOTA_LEASE_S"]) <= 0:  # type: ignore[arg-type]
+            raise ConfigError("QUOTA_LEASE_SECONDS", "must be > 0 seconds")
         cfg["DRIFT_REFERENCE_TEXTS"] = env.get("DRIFT_REFERENCE_TEXTS") or cls.DRIFT_REFERENCE_TEXTS
         cfg["BOOTSTRAP"] = _bool(env, "BOOTSTRAP", cls.BOOTSTRAP)
         cfg["RATELIMIT_FAIL_OPEN"] = _bool(env, "RATELIMIT_FAIL_OPEN", cls.RATELIMIT_FAIL_OPEN)
         for name in ("RATE_LIMIT_DEFAULT", "RATE_LIMIT_PER_KEY_DEFAULT", "AUTH_TOKEN_RATE_LIMIT"):
             cfg[name] = _rate_limit(env, name, getattr(cls, name))
+        for name in ("AUTH_FAILURE_LIMIT_PER_ADDRESS", "AUTH_FAILURE_LIMIT_PER_PREFIX"):
+            cfg[name] = _rate_limit(env, name, getattr(cls, name))
+            if not cfg[name] or ";" in str(cfg[name]):
+                raise ConfigError(name, f"must be one rate limit like '20/minute', got {cfg[name]!r}")
         cfg["AUTH_KEY_CACHE_TTL_S"] = _int(env, "AUTH_KEY_CACHE_TTL", cls.AUTH_KEY_CACHE_TTL_S, 0)
         cfg["UPSTREAM_TIMEOUT_S"] = _float(env, "UPSTREAM_TIMEOUT", 60.0)
         cfg["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(

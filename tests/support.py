@@ -192,6 +192,32 @@ class GunicornServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def worker_pids(self) -> list[int]:
+        """The master's children: its workers, as the kernel lists them."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return [int(pid) for pid in children.split()]
+
+    def worker_serving(self, client_port: int) -> int:
+        """The worker holding the server side of the client's connection from `client_port`: the
+        kernel's TCP table names the socket's inode, and one worker has a descriptor on it."""
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if local_port == self.port and remote_port == client_port:
+                    inodes.add(f"socket:[{fields[9]}]")
+        for pid in self.worker_pids():
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    if os.readlink(fd) in inodes:
+                        return pid
+                except OSError:
+                    continue
+        raise LookupError(f"no worker holds the connection from port {client_port}")
+
 
 def issue_key(
     database_url: str,

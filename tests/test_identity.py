@@ -344,11 +344,22 @@ class TestWithAndWithoutRedis:
         # Another login's pair is untouched.
         assert client.get("/v1/auth/me", headers=bearer(other["access_token"])).status_code == 200
 
-    def test_rotation_leaves_the_old_access_token_to_expire(self, client, world):
-        """Rotation uses the refresh token up; only revocation ends the access token issued with it."""
+    def test_rotation_revokes_the_old_access_token(self, client, world):
+        """Refreshing replaces the pair: the old access token is refused at once, in our shape,
+        the new one works, and another login's pair is untouched."""
         tokens = password_tokens(client)
-        assert client.post("/v1/auth/refresh", headers=bearer(tokens["refresh_token"])).status_code == 200
+        other = password_tokens(client)
         assert client.get("/v1/auth/me", headers=bearer(tokens["access_token"])).status_code == 200
+        resp = client.post("/v1/auth/refresh", headers=bearer(tokens["refresh_token"]))
+        assert resp.status_code == 200
+        fresh = resp.get_json()
+        assert_error(client.get("/v1/auth/me", headers=bearer(tokens["access_token"])), 401, "token_revoked")
+        assert client.get("/v1/auth/me", headers=bearer(fresh["access_token"])).status_code == 200
+        assert client.get("/v1/auth/me", headers=bearer(other["access_token"])).status_code == 200
+        assert_error(
+            client.post("/v1/auth/refresh", headers=bearer(tokens["refresh_token"])), 401, "token_revoked"
+        )
+        assert client.post("/v1/auth/refresh", headers=bearer(fresh["refresh_token"])).status_code == 200
 
     def test_concurrent_refreshes_of_one_token_yield_exactly_one_pair(self, app, world):
         refresh_token = password_tokens(app.test_client())["refresh_token"]

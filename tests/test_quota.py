@@ -4,7 +4,10 @@ end to end on a real 2-worker gunicorn in front of the upstream simulator (accep
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -16,6 +19,7 @@ import psycopg
 import pytest
 import redis
 import requests
+from sqlalchemy import text as sql_text
 
 from app.errors import APIError
 from app.identity import accounts, quota
@@ -194,7 +198,7 @@ def test_flask_quota_reconcile_repairs_a_stale_counter(app, runner):
         if app.config.get("REDIS_URL"):
             store.redis.hset(key, "used", 0)
         else:
-            store._counters[key][0] = 0
+            store._counters[key].used = 0
         assert quota.counted(principal.tenant_id) == 0  # would admit 50 more
     result = runner.invoke(args=["quota", "reconcile"])
     assert result.exit_code == 0, result.output
@@ -398,3 +402,254 @@ def test_failed_and_disconnected_calls_give_their_reservations_back(quota_server
         failed = list(pool.map(lambda _: gateway.chat(key), range(10)))
     assert {r.status_code for r in failed} <= {502, 503}
     assert gateway.settled(tenant_id) == after_cut <= token_quota
+
+
+# --- leases: a reservation outlives a dead holder by at most QUOTA_LEASE_SECONDS ----------------
+
+
+class TestLeases:
+    """In-process, against Redis and the fallback: the keeper's thread is stopped, so each test
+    decides when leases are renewed."""
+
+    LEASE_S = 1.0
+
+    @pytest.fixture(params=["redis", "local"])
+    def app_env(self, request: pytest.FixtureRequest) -> dict[str, str]:
+        env = {"QUOTA_LEASE_SECONDS": str(self.LEASE_S)}
+        if request.param == "redis":
+            env["REDIS_URL"] = request.getfixturevalue("redis_url")
+        return env
+
+    @pytest.fixture
+    def database_url(self, sqlite_url: str) -> str:
+        return sqlite_url
+
+    def until_reclaimed(self, app, tenant_id: str, expected: int) -> float:
+        """Seconds until the counter reads `expected`, polled through `counted` (which reclaims)."""
+        started = time.monotonic()
+        with app.app_context():
+            while quota.counted(tenant_id) != expected:
+                assert time.monotonic() - started < 10 * self.LEASE_S, quota.counted(tenant_id)
+                time.sleep(0.05)
+        return time.monotonic() - started
+
+    def test_an_unrenewed_lease_is_reclaimed_and_its_late_settle_counts_once(self, app):
+        principal = tenant_principal(app, token_quota=100)
+        keeper = app.extensions["quota_leases"]
+        keeper.close()
+        with app.app_context():
+            quota.reserve(principal, 10).settle(10)
+            dead = quota.reserve(principal, 60)  # its holder "dies": nobody renews it
+            assert quota.counted(principal.tenant_id) == 70
+            with pytest.raises(APIError):
+                quota.reserve(principal, 31)
+        self.until_reclaimed(app, principal.tenant_id, 10)
+        with app.app_context():
+            # A settle arriving after the reclaim (a holder that was only slow) adds what it used,
+            # nothing more: the reservation is not given back twice.
+            dead.settle(7)
+            assert quota.counted(principal.tenant_id) == 17
+            assert quota.persisted_usage(principal.tenant_id, quota.period_key("day")) == 17
+            quota.reserve(principal, 83).release()
+
+    def test_a_renewed_lease_outlives_its_first_deadline(self, app):
+        principal = tenant_principal(app, token_quota=100)
+        keeper = app.extensions["quota_leases"]
+        keeper.close()
+        with app.app_context():
+            live = quota.reserve(principal, 40)
+        time.sleep(0.6 * self.LEASE_S)
+        keeper.renew()  # what the keeper's loop does every third of the lease
+        time.sleep(0.6 * self.LEASE_S)  # past the first deadline, before the renewed one
+        with app.app_context():
+            assert quota.counted(principal.tenant_id) == 40
+            live.settle(25)
+            assert quota.counted(principal.tenant_id) == 25
+        keeper.renew()  # a settled reservation is no longer renewed, nor brought back
+        with app.app_context():
+            assert quota.counted(principal.tenant_id) == 25
+
+    def test_a_reservation_dropped_without_settling_is_not_kept_alive(self, app):
+        principal = tenant_principal(app, token_quota=100)
+        keeper = app.extensions["quota_leases"]
+        keeper.close()
+        with app.app_context():
+            quota.reserve(principal, 30)  # never settled nor released, and no longer referenced
+        gc.collect()
+        keeper.renew()
+        self.until_reclaimed(app, principal.tenant_id, 0)
+
+
+# --- a stream dropped before its first chunk --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[Simulator]:
+    with run_simulator(latency_ms=0) as sim:
+        yield sim
+
+
+class TestDroppedStream:
+    """An after_request hook that fails turns a stream into a 500 before its first chunk: Flask
+    discards our response unclosed, so no generator `finally` runs. The slot and the reservation
+    must come back anyway."""
+
+    @pytest.fixture
+    def app_env(self, simulator: Simulator, redis_url: str, tmp_path) -> dict[str, str]:
+        catalogue = tmp_path / "models.yaml"
+        catalogue.write_text(
+            "models:\n"
+            "  - name: upstream-chat\n"
+            "    backend: openai_compatible\n"
+            "    params: {base_url: '${UPSTREAM_BASE_URL}', model: sim-model}\n"
+            "    limits: {max_concurrency: 1, max_queue: 0}\n"  # one slot: a leak shows as a 503
+        )
+        return {
+            "REDIS_URL": redis_url,
+            "MODELS_CONFIG": str(catalogue),
+            "UPSTREAM_BASE_URL": simulator.base_url,
+        }
+
+    @pytest.fixture
+    def database_url(self, sqlite_url: str) -> str:
+        return sqlite_url
+
+    def test_slot_and_reservation_are_released(self, app, simulator):
+        from app.identity.apikeys import issue_key
+
+        app.config["PROPAGATE_EXCEPTIONS"] = False  # as in production: the error handler answers
+        failing = {"on": True}
+
+        @app.after_request
+        def broken_hook(response):
+            if failing["on"] and response.is_streamed:
+                raise RuntimeError("an after_request hook failed")
+            return response
+
+        with app.app_context():
+            tenant = accounts.create_tenant("streams", token_quota=10_000)
+            _, key = issue_key(tenant, "k", ["inference:invoke"])
+            tenant_id = tenant.id
+        client = app.test_client()
+        body = {
+            "model": "upstream-chat",
+            "stream": True,
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        headers = {"Authorization": f"Bearer {key}"}
+        simulator.configure(tokens=5)
+
+        dropped = client.post(CHAT, json=body, headers=headers)
+        assert dropped.status_code == 500
+        assert dropped.get_json()["error"]["code"] == "internal_error"
+        with app.app_context():
+            assert quota.counted(tenant_id) == 0, "the dropped stream's reservation is still held"
+
+        # The model's one slot is free again. (Not streamed: the test process has no gevent hub, so
+        # a stream's pump thread can't read the upstream's gevent socket; gunicorn's workers can.)
+        served = client.post(CHAT, json={**body, "stream": False}, headers=headers)
+        assert served.status_code == 200, served.get_json()
+        with app.app_context():
+            used = quota.persisted_usage(tenant_id, quota.period_key("day"))
+            assert used > 0 and quota.counted(tenant_id) == used
+
+
+# --- a worker killed mid-generation -----------------------------------------------------------
+
+LEASE_S = 2.0
+
+
+@pytest.fixture
+def lease_server(postgres_url: str, redis_url: str) -> Iterator[tuple[QuotaServer, Simulator]]:
+    with run_simulator(latency_ms=0) as sim:
+        env = {
+            "DATABASE_URL": postgres_url,
+            "REDIS_URL": redis_url,
+            "MODELS_CONFIG": str(support.ROOT / "bench" / "models.yaml"),
+            "UPSTREAM_BASE_URL": sim.base_url,
+            "QUOTA_LEASE_SECONDS": str(LEASE_S),
+        }
+        with support.GunicornServer(env, workers=2, ready_path="/readyz") as server:
+            yield QuotaServer(server, postgres_url, redis_url), sim
+
+
+@pytest.mark.server
+def test_a_worker_killed_mid_generation_gives_its_reservation_back(lease_server, redis_url, monkeypatch):
+    """kill -9 of the worker serving a stream: its reservation is reclaimed within the lease time,
+    so the tenant's counter comes back to exactly the ledger; the audit chain has no hole."""
+    gateway, sim = lease_server
+    tenant_id, key = gateway.tenant("killed", 10_000)
+    assert gateway.chat(key).status_code == 200
+    settled = gateway.settled(tenant_id)
+    assert settled > 0
+
+    # Reads the counter the way the gateway does (reclaiming expired leases first).
+    monkeypatch.setenv("DATABASE_URL", gateway.database_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    from app import create_app
+
+    reader = create_app()
+
+    def counted() -> int | None:
+        with reader.app_context():
+            return quota.counted(tenant_id)
+
+    sim.configure(tokens=200, tokens_per_s=5)  # 40 s of generation: in flight throughout
+    body = json.dumps(
+        {
+            "model": "upstream-chat",
+            "max_tokens": 200,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    ).encode()
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gateway.server.port), timeout=30) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b" tok1" not in received:
+            data = sock.recv(4096)
+            assert data, f"the stream ended before generation was under way: {received!r}"
+            received += data
+        worker = gateway.server.worker_serving(sock.getsockname()[1])
+        # Held while the worker lives, past several lease times: the worker renews its lease.
+        time.sleep(2 * LEASE_S)
+        held = counted()
+        assert held is not None and held > settled, "the live stream's reservation must be held"
+        os.kill(worker, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while counted() != settled:
+            assert time.monotonic() - killed_at < LEASE_S + 3, f"counter {counted()}, ledger {settled}"
+            time.sleep(0.05)
+    assert gateway.recorded(tenant_id) == settled
+
+    # The surviving (and the respawned) workers serve the tenant, and settle exactly.
+    sim.configure(tokens=MAX_TOKENS, tokens_per_s=0)
+    assert gateway.chat(key).status_code == 200
+    after = gateway.settled(tenant_id)
+    assert after > settled and counted() == after
+
+    # No hole in any audit chain, and both finished chats are in it. (The killed request has no
+    # record: records are submitted when a response closes, which a killed worker never does.)
+    from app.extensions import db
+    from app.governance.audit.verify import all_chains, verify
+
+    deadline = time.monotonic() + 10
+    with reader.app_context():
+        while True:
+            with db.engine.connect() as conn:
+                report = verify(conn, all_chains(conn))
+                chats = conn.execute(
+                    sql_text("SELECT count(*) FROM audit_records WHERE tenant_id = :t"), {"t": tenant_id}
+                ).scalar()
+            if chats >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert report["ok"], report
+        assert chats >= 2, "both finished chats are recorded"
+        db.engine.dispose()
+    reader.extensions["usage_ledger"].close()

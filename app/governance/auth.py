@@ -184,8 +184,8 @@ def issue_token(form: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, st
 def refresh_tokens() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Exchange a refresh token for a new pair
 
-    Send the refresh token as the bearer. It is revoked (rotation), and the new pair carries
-    the scopes the credential still holds.
+    Send the refresh token as the bearer. It is revoked (rotation) together with the access
+    token issued beside it, and the new pair carries the scopes the credential still holds.
     """
     return tokens.refresh(tokens.verified_claims(refresh=True)), 200, NO_STORE
 

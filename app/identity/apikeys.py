@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.extensions import db
+from app.identity import auth_throttle
 from app.identity import scopes as sc
 from app.identity.accounts import check_admin_grant, lookup_session, validate_scopes
 from app.identity.cache import cache
@@ -105,6 +106,9 @@ def verify_key(presented: str) -> VerifiedKey | None:
     """The key's principal if it is valid now: cached by SHA-256 of the key, else argon2 + database."""
     digest = hashlib.sha256(presented.encode()).digest()
     store = cache()
+    if store.get(("key", digest)) is None:
+        parts = split_key(presented)
+        auth_throttle.refuse_if_blocked(parts[0] if parts else None)
     store.sync()
     verified = store.get_or_load(("key", digest), lambda: _load(presented))
     if verified is None or (verified.expires_at is not None and verified.expires_at <= utcnow()):
@@ -122,14 +126,22 @@ def find_key(client_id: str, presented: str) -> VerifiedKey | None:
 
 
 def _load(presented: str) -> VerifiedKey | None:
+    """A cache miss: throttled by past failures first (429, no hash), then one argon2 verification,
+    in a real OS thread so the worker's hub keeps serving other requests meanwhile."""
+    from app.inference.offload import run_in_thread  # here: importing app.inference imports this module
+
     parts = split_key(presented)
-    if parts is None:
-        return None
-    prefix, secret = parts
-    with lookup_session() as session:
-        key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    if key is None or key.revoked_at is not None or not verify_secret(key.secret_hash, secret):
-        return None
+    prefix, secret = parts if parts is not None else (None, "")
+    with auth_throttle.attempt(prefix) as failed:
+        key = None
+        if prefix is not None:
+            with lookup_session() as session:
+                key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if key is None or key.revoked_at is not None:
+            return None  # no hash spent, nothing to guess: counts nowhere
+        if not run_in_thread(verify_secret, key.secret_hash, secret):
+            failed()
+            return None
     return VerifiedKey(
         key_id=key.id,
         tenant_id=key.tenant_id,

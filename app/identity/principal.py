@@ -59,10 +59,10 @@ def authenticate() -> Principal:
     if principal is not None:
         return principal
     token = _bearer_token()
-    cache().sync()
     if looks_like_key(token):
-        principal = _from_api_key(token)
+        principal = _from_api_key(token)  # syncs the cache itself, after the failure throttle's check
     elif token.count(".") == 2:
+        cache().sync()
         principal = _from_jwt()
     else:
         raise unauthorized("The bearer token is neither an API key (gw-...) nor a JWT.", "invalid_token")

@@ -9,8 +9,10 @@ token's remaining life, checked by `token_in_blocklist_loader` on every worker. 
 unreachable the check fails closed (503): a revoked token must never be accepted again.
 
 A refresh token is single-use: rotation claims it with one SET NX, so of two concurrent refreshes
-on any workers exactly one wins. Used ids are kept apart from revoked ones, so rotating does not
-also end the access token issued with the old refresh token, which expires soon on its own.
+on any workers exactly one wins. The winner then revokes the old refresh token's id, and with it
+(through `rjti`) the access token issued beside it: a refresh means "replace my pair", so the old
+access token must not stay usable for the rest of its lifetime next to the new one (a leaked
+access token would otherwise outlive the rotation meant to contain it).
 """
 
 from __future__ import annotations
@@ -192,14 +194,17 @@ def revoke(claims: dict[str, Any]) -> list[str]:
 
 
 def refresh(claims: dict[str, Any]) -> dict[str, Any]:
-    """Rotate: the presented refresh token is used up and a new pair issued, with scopes narrowed to
-    what the credential holds now (a scope removed since login is not refreshed back)."""
+    """Rotate: the presented refresh token is used up, the old pair revoked and a new pair issued,
+    with scopes narrowed to what the credential holds now (a scope removed since login is not
+    refreshed back)."""
     current = _current_scopes(claims["kind"], claims.get("user_id"), claims.get("key_id"))
     settings = tenant_settings(claims["tenant"])
     if current is None or settings is None or not settings.active:
         raise unauthorized("The credential this token was issued to is no longer valid.", "invalid_token")
     if not blocklist().claim(claims["jti"], claims["exp"]):
         raise unauthorized("This refresh token has already been used; sign in again.", "token_revoked")
+    # Revoking the old refresh id ends every access token carrying it as `rjti` (see `_is_revoked`).
+    blocklist().add(claims["jti"], claims["exp"])
     return issue(
         subject=claims["sub"],
         tenant_id=claims["tenant"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -174,11 +174,12 @@ class ModelRuntime:
         self._count_tokens(result.prompt_tokens, result.completion_tokens)
         return result
 
-    def chat_stream(self, request: ChatRequest) -> Iterator[ChatChunk]:
+    def chat_stream(self, request: ChatRequest) -> HeldStream:
         """Admit now (so overload is a clean 503 before any byte is sent), stream later.
 
-        The slot is held until the returned generator finishes or is closed, which is how a
-        client disconnect frees the model at the next token.
+        The slot is held until the returned stream finishes or is closed, which is how a
+        client disconnect frees the model at the next token, and a response dropped before
+        its first chunk frees it at once.
         """
         slot = self.slot()
         instance = slot.__enter__()
@@ -187,10 +188,10 @@ class ModelRuntime:
         except BaseException:
             slot.__exit__(None, None, None)
             raise
-        return self._stream(slot, chunks)
+        return HeldStream(self, chunks, lambda: slot.__exit__(None, None, None))
 
     @tracing.step("backend")
-    def _stream(self, slot: Any, chunks: Iterator[ChatChunk]) -> Iterator[ChatChunk]:
+    def _stream(self, release: Callable[[], None], chunks: Iterator[ChatChunk]) -> Iterator[ChatChunk]:
         started = time.perf_counter()
         iterator = iterate_in_thread(chunks) if self.cpu_bound else chunks
         try:
@@ -208,7 +209,7 @@ class ModelRuntime:
             metrics.INFERENCE.labels(operation="chat_stream", **self._labels).observe(
                 time.perf_counter() - started
             )
-            slot.__exit__(None, None, None)
+            release()
 
     @tracing.step("backend")
     def embed(self, texts: list[str], dimensions: int | None) -> EmbeddingResult:
@@ -231,3 +232,43 @@ class ModelRuntime:
             metrics.TOKENS.labels(kind="prompt", **self._labels).inc(prompt)
         if completion:
             metrics.TOKENS.labels(kind="completion", **self._labels).inc(completion)
+
+
+class HeldStream:
+    """A stream's chunks and the model slot they hold; `close()` frees the slot in every case.
+
+    A generator's `finally` runs only once the generator has started, and a response dropped
+    before its first chunk (an after_request hook failing, the server closing it unsent) never
+    starts it: the slot would stay taken for the life of the process. So the release is a
+    callable run at most once, by the generator's `finally` or by `close()`, whichever comes first.
+    """
+
+    def __init__(
+        self, runtime: ModelRuntime, chunks: Iterator[ChatChunk], release: Callable[[], None]
+    ) -> None:
+        self._lock = threading.Lock()
+        self._release_slot: Callable[[], None] | None = release
+        self._chunks = chunks
+        self._started = False
+        self._stream = runtime._stream(self._release, chunks)
+
+    def __iter__(self) -> HeldStream:
+        return self
+
+    def __next__(self) -> ChatChunk:
+        self._started = True
+        return next(self._stream)
+
+    def close(self) -> None:
+        self._stream.close()  # a started stream releases in its finally; an unstarted one does nothing
+        if not self._started:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+        self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            release, self._release_slot = self._release_slot, None
+        if release is not None:
+            release()

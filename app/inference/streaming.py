@@ -3,6 +3,12 @@
 A client that goes away is only visible when a write fails, so the writer sends `: ping`
 comments while it waits for the model; the failed write raises GeneratorExit here, and the
 `finally` blocks release the model slot and close the upstream connection.
+
+A response can also be dropped before its first chunk, and then no generator `finally` ever runs:
+an after_request hook raises (Flask answers 500 with a new response and discards ours, unclosed),
+or the server closes the response without iterating it. `_Discard` covers both, through
+`Response.call_on_close` and Flask's `got_request_exception` signal, and is idempotent with the
+generator's own clean-up: the model slot and the quota reservation come back exactly once.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
-from flask import Response, stream_with_context
+from flask import Flask, Response, g, got_request_exception, has_request_context, stream_with_context
 
 from app.errors import APIError
 from app.governance.policies.engine import OutputRedactor
@@ -23,6 +29,7 @@ from app.inference.offload import gevent_active
 
 log = structlog.get_logger(__name__)
 PING = object()
+PENDING_DISCARDS = "_sse_discards"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
 
@@ -133,7 +140,11 @@ def chat_event_stream(
             body["usage"] = None
         return sse(body)
 
+    finish = _Once(on_finish)
+    started = threading.Event()
+
     def events() -> Iterator[str]:
+        started.set()
         pump = Pump(chunks, interruptible)
         used_prompt, used_completion, completed = prompt_tokens, 0, False
         sent: list[str] = []
@@ -183,6 +194,66 @@ def chat_event_stream(
             yield sse(APIError(500, "The stream failed; quote the request_id to the operator.").payload())
         finally:
             pump.close()
-            on_finish(used_prompt, used_completion, "".join(sent), completed)
+            finish(used_prompt, used_completion, "".join(sent), completed)
 
-    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
+    body = stream_with_context(events())
+    discard = _Discard(body, chunks, started, lambda: finish(prompt_tokens, 0, "", False))
+    response = Response(body, mimetype="text/event-stream", headers=SSE_HEADERS)
+    response.call_on_close(discard)
+    if has_request_context():
+        g.setdefault(PENDING_DISCARDS, []).append(discard)
+    return response
+
+
+class _Once:
+    """`on_finish`, run by whichever of the stream's end and a discard comes first."""
+
+    def __init__(self, fn: Callable[[int, int, str, bool], None]) -> None:
+        self._fn: Callable[[int, int, str, bool], None] | None = fn
+        self._lock = threading.Lock()
+
+    def __call__(self, prompt: int, completion: int, output: str, completed: bool) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn(prompt, completion, output, completed)
+
+
+class _Discard:
+    """Clean-up for a stream whose generator never started: nothing was generated or sent, so
+    the chunks are closed (freeing the model slot) and the reservation released in full."""
+
+    def __init__(
+        self,
+        body: Iterator[str],
+        chunks: Iterator[ChatChunk],
+        started: threading.Event,
+        finish: Callable[[], None],
+    ) -> None:
+        self._body = body
+        self._chunks = chunks
+        self._started = started
+        self._finish = finish
+
+    def __call__(self) -> None:
+        # Unwinds stream_with_context's extra push of the request context, so a discarded body is
+        # not left to the garbage collector, which would pop that context inside a later request.
+        close_body = getattr(self._body, "close", None)
+        if close_body is not None:
+            close_body()
+        if self._started.is_set():
+            return  # the generator's own finally has released everything
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        self._finish()
+
+
+def _discard_dropped_streams(sender: Flask, exception: BaseException, **_: Any) -> None:
+    """The view returned a stream but the request failed afterwards: Flask sends a new error
+    response and never closes ours. Runs inside the failed request's context."""
+    for discard in g.pop(PENDING_DISCARDS, []):
+        discard()
+
+
+got_request_exception.connect(_discard_dropped_streams)

@@ -1,0 +1,199 @@
+"""Throttling failed API-key authentications, decided before any hash is computed.
+
+Verifying an API key costs one argon2 hash (about 30 ms of CPU, on the worker's hub). A caller
+who knows a key's prefix, which is public (it is the OAuth2 client_id and shown in listings), can
+send random secrets and make each one cost that hash: a CPU denial of service bought with
+requests. So failed verifications are counted, and once over a limit further attempts are
+refused with 429 `auth_failures_throttled` and Retry-After before the database or the hasher is
+touched. Only failures count, and only those that cost a hash (a wrong secret for an existing,
+unrevoked key): a valid key never consumes any of these budgets, and a malformed key, an unknown
+prefix or a revoked key, refused after one indexed lookup, counts nowhere, so a client retrying
+a revoked key does not lock its address out.
+
+Two budgets, on flask-limiter's storage (Redis, so shared by every worker; moving windows):
+
+- per client address (AUTH_FAILURE_LIMIT_PER_ADDRESS, default 20/minute): an address over it gets
+  no more verifications of any key. This is what stops one flooding client.
+- per key prefix (AUTH_FAILURE_LIMIT_PER_PREFIX, default 50/minute): the prefix is then "under
+  attack". Locking the prefix itself would hand anyone who knows it (everyone) a way to lock the
+  key's owner out, so instead, while it is under attack, each address may try that prefix only if
+  it has had no failure on that prefix in the same window: the owner, whose key verifies, never
+  has one and keeps being served; every attacking address is cut to one hash per window for it.
+  This is what stops a flood spread over many addresses from concentrating on one key.
+
+What that leaves: a distributed flood costs at most one hash per attacking address per window
+(and 20 per address across all prefixes); an owner who shares an address with an attacker (one
+NAT) is throttled with it. A key already verified and cached in the worker (AUTH_KEY_CACHE_TTL)
+is served without a hash and is never throttled. The client address is `request.remote_addr`:
+behind a proxy, configure Werkzeug's ProxyFix so it is the real client's.
+
+Counting happens after the hash (only a failure is known to be one), so checking and counting
+are two steps, and attempts that pass the check together would all be hashed before any of them
+is counted: under a flood the limit would be overshot by everything that arrives during a hash.
+So each worker runs one verification at a time per client address (`attempt` holds a per-address
+gate across check, hash and count); concurrent attempts from one address queue, and once it is
+over its budget each costs two Redis round trips. The overshoot is then at most one attempt per
+address and worker. Concurrent requests from one address with one valid key still verify once:
+the key cache's single flight holds the others, then serves them from the cache. Once a bucket
+is over its limit, the worker remembers until when (`_blocks`), so the rest of a flood is
+refused without a Redis round trip or a wait.
+
+If the storage is unreachable, RATELIMIT_FAIL_OPEN decides, as for every other limit: true
+verifies as if no failures were counted, false answers 503 `rate_limit_unavailable`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import structlog
+from flask import current_app, has_request_context, request
+from limits import RateLimitItem, parse
+from redis.exceptions import RedisError
+
+from app.errors import APIError
+from app.extensions import limiter
+
+log = structlog.get_logger(__name__)
+
+NAMESPACE = "auth-failures"
+
+
+class _Gate:
+    __slots__ = ("__weakref__", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+_gates: weakref.WeakValueDictionary[str, _Gate] = weakref.WeakValueDictionary()
+_gates_lock = threading.Lock()
+
+
+def _gate(address: str) -> _Gate:
+    """This process's gate for `address`; it lives as long as someone holds or waits on it."""
+    with _gates_lock:
+        gate = _gates.get(address)
+        if gate is None:
+            gate = _gates[address] = _Gate()
+        return gate
+
+
+def _address() -> str:
+    return (request.remote_addr or "unknown") if has_request_context() else "local"
+
+
+@contextmanager
+def attempt(prefix: str | None) -> Iterator[Callable[[], None]]:
+    """Around one verification: 429 if it must not be made, else yields `failed` to call when the
+    presented key turns out invalid. One verification per client address at a time (see above)."""
+    address = _address()
+    refuse_if_blocked(prefix)
+    with _gate(address).lock:
+        check(prefix, address)
+        yield lambda: failed(prefix, address)
+
+
+def refuse_if_blocked(prefix: str | None) -> None:
+    """429 if this worker already knows the address (or the address on this prefix) is blocked: a
+    dict lookup, so the bulk of a flood is refused before any Redis round trip, lock or hash."""
+    address = _address()
+    for bucket in (("address", address), ("pair", prefix, address) if prefix else None):
+        until = _blocked_until(bucket) if bucket else None
+        if until is not None:
+            raise _refusal(until)
+
+
+def _limits() -> tuple[RateLimitItem, RateLimitItem, RateLimitItem]:
+    """(per address, per prefix, per address on a prefix under attack: one in the prefix's window)."""
+    per_address = parse(current_app.config["AUTH_FAILURE_LIMIT_PER_ADDRESS"])
+    per_prefix = parse(current_app.config["AUTH_FAILURE_LIMIT_PER_PREFIX"])
+    return per_address, per_prefix, type(per_prefix)(1, per_prefix.multiples)
+
+
+def check(prefix: str | None, address: str) -> None:
+    """Raise 429 if this attempt must not be verified; runs before any hash or lookup."""
+    per_address, per_prefix, per_pair = _limits()
+    strategy = limiter.limiter
+    try:
+        if not strategy.test(per_address, NAMESPACE, "address", address):
+            raise _block(per_address, ("address", address))
+        if prefix is None or strategy.test(per_prefix, NAMESPACE, "prefix", prefix):
+            return
+        if not strategy.test(per_pair, NAMESPACE, "pair", prefix, address):
+            raise _block(per_pair, ("pair", prefix, address))
+    except RedisError as exc:
+        _storage_down(exc)
+
+
+def failed(prefix: str | None, address: str) -> None:
+    """Count one failed verification against the address, the prefix and the pair."""
+    per_address, per_prefix, per_pair = _limits()
+    strategy = limiter.limiter
+    try:
+        strategy.hit(per_address, NAMESPACE, "address", address)
+        if prefix is not None:
+            strategy.hit(per_prefix, NAMESPACE, "prefix", prefix)
+            strategy.hit(per_pair, NAMESPACE, "pair", prefix, address)
+    except RedisError as exc:
+        _storage_down(exc)
+
+
+# Blocks this worker has learnt from the storage: bucket -> when it ends (time.time()). A flood
+# keeps hitting a bucket that is over its limit, and each refusal after the first then costs a
+# dict lookup instead of Redis round trips and a place in the address's queue. A moving window's
+# reset is when its oldest failure leaves it, the first moment another attempt could be allowed.
+# Kept per app (tests run many apps in one process, each with its own storage).
+MAX_BLOCKS = 100_000
+
+
+def _blocks() -> dict[tuple[str | None, ...], float]:
+    return current_app.extensions.setdefault("auth_throttle_blocks", {})
+
+
+def _blocked_until(bucket: tuple[str | None, ...]) -> float | None:
+    blocks = _blocks()
+    until = blocks.get(bucket)
+    if until is not None and until <= time.time():
+        blocks.pop(bucket, None)
+        return None
+    return until
+
+
+def _block(item: RateLimitItem, bucket: tuple[str, ...]) -> APIError:
+    until, _ = limiter.limiter.get_window_stats(item, NAMESPACE, *bucket)
+    blocks = _blocks()
+    if len(blocks) >= MAX_BLOCKS:
+        now = time.time()
+        for stale in [b for b, end in blocks.items() if end <= now]:
+            blocks.pop(stale, None)
+    blocks[bucket] = until
+    log.warning("auth_failures_throttled", bucket=bucket[0], until=until)
+    return _refusal(until)
+
+
+def _refusal(until: float) -> APIError:
+    retry_after = max(1, math.ceil(until - time.time()))
+    return APIError(
+        429,
+        f"Too many failed authentications from this client; retry in {retry_after} s.",
+        code="auth_failures_throttled",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def _storage_down(exc: RedisError) -> None:
+    if current_app.config["RATELIMIT_FAIL_OPEN"]:
+        log.warning("auth_throttle_unavailable", error=str(exc))
+        return
+    raise APIError(
+        503,
+        "Rate limiting is unavailable, and this gateway is configured to fail closed; retry shortly.",
+        code="rate_limit_unavailable",
+        headers={"Retry-After": "1"},
+    ) from exc

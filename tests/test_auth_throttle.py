@@ -1,0 +1,104 @@
+"""Failed API-key authentications are throttled before any hash (app/identity/auth_throttle.py):
+per client address, and per key prefix without locking out the prefix's owner. On real Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.identity import apikeys
+from tests.test_identity import assert_error, bearer, seed
+
+ATTACKER = "203.0.113.7"
+OWNER = "198.51.100.20"
+OTHER = "192.0.2.55"
+FORGED_SECRET = "A" * 43
+
+
+@pytest.fixture
+def app_env(redis_url: str) -> dict[str, str]:
+    # No verified-key cache: every valid request below must pass the throttle and a hash itself.
+    return {
+        "REDIS_URL": redis_url,
+        "AUTH_KEY_CACHE_TTL": "0",
+        "AUTH_FAILURE_LIMIT_PER_ADDRESS": "5/minute",
+        "AUTH_FAILURE_LIMIT_PER_PREFIX": "8/minute",
+    }
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every argon2 verification the key path makes, in this process."""
+    calls: list[str] = []
+    verify = apikeys.verify_secret
+
+    def counting(stored_hash: str | None, secret: str) -> bool:
+        calls.append(secret)
+        return verify(stored_hash, secret)
+
+    monkeypatch.setattr(apikeys, "verify_secret", counting)
+    return calls
+
+
+def call(client, key: str, address: str):
+    return client.get("/v1/auth/me", headers=bearer(key), environ_base={"REMOTE_ADDR": address})
+
+
+def test_bad_secrets_from_one_address_get_429_without_a_hash(client, hashes):
+    world = seed(client.application)
+    forged = f"{world.a_prefix}_{FORGED_SECRET}"
+    for _ in range(5):
+        assert_error(call(client, forged, ATTACKER), 401, "invalid_api_key")
+    assert len(hashes) == 5
+    for _ in range(20):
+        refused = call(client, forged, ATTACKER)
+        body = assert_error(refused, 429, "auth_failures_throttled")
+        assert body["error"]["type"] == "rate_limit_error"
+        assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert len(hashes) == 5, "a throttled attempt must cost no hash"
+    # Even a valid key is not verified from the flooding address (it would cost a hash too)...
+    assert_error(call(client, world.a_key, ATTACKER), 429, "auth_failures_throttled")
+    assert len(hashes) == 5
+    # ...but from any other address the key works, as do other keys.
+    assert call(client, world.a_key, OWNER).status_code == 200
+    assert call(client, world.b_key, OTHER).status_code == 200
+    assert len(hashes) == 7
+
+
+def test_a_prefix_under_attack_stays_open_to_its_owner(client, hashes):
+    """A flood spread over many addresses: once the prefix is over its limit, each address that
+    failed on it is cut off for it, while the owner's address, with no failure, is still served."""
+    world = seed(client.application)
+    forged = f"{world.a_prefix}_{FORGED_SECRET}"
+    attackers = [f"10.0.0.{n}" for n in range(1, 5)]
+    for address in attackers:  # 4 addresses x 2 failures: the prefix reaches its 8/minute
+        for _ in range(2):
+            assert_error(call(client, forged, address), 401, "invalid_api_key")
+    assert len(hashes) == 8
+    for address in attackers:  # each under its own 5/minute, yet refused unhashed for this prefix
+        assert_error(call(client, forged, address), 429, "auth_failures_throttled")
+    assert len(hashes) == 8
+    # A new address gets one try at the prefix under attack, then no more.
+    assert_error(call(client, forged, OTHER), 401, "invalid_api_key")
+    assert_error(call(client, forged, OTHER), 429, "auth_failures_throttled")
+    assert len(hashes) == 9
+    # The owner, from an address without failures, is served every time; successes count nowhere.
+    for _ in range(10):
+        assert call(client, world.a_key, OWNER).status_code == 200
+    assert len(hashes) == 19
+    # Other prefixes are untouched, from the attacking addresses too.
+    assert call(client, world.b_key, attackers[0]).status_code == 200
+
+
+def test_client_credentials_grant_is_throttled_too(client, hashes):
+    world = seed(client.application)
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": world.a_prefix,
+        "client_secret": f"{world.a_prefix}_{FORGED_SECRET}",
+    }
+    statuses = [
+        client.post("/v1/auth/token", data=form, environ_base={"REMOTE_ADDR": ATTACKER}).status_code
+        for _ in range(7)
+    ]
+    assert statuses == [401] * 5 + [429] * 2
+    assert len(hashes) == 5
