@@ -121,13 +121,18 @@ def chat_event_stream(
     characters that could still grow into a match.
     """
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+    def chunk(
+        delta: dict[str, Any], finish_reason: str | None = None, logprobs: dict[str, Any] | None = None
+    ) -> str:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
         body: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": [choice],
         }
         if include_usage:
             body["usage"] = None
@@ -144,11 +149,16 @@ def chat_event_stream(
                 if item is PING:
                     yield ": ping\n\n"
                     continue
+                delta: dict[str, Any] = {}
                 if item.text:
                     used_completion += 1
                     if text := redactor.feed(item.text):
                         sent.append(text)
-                        yield chunk({"content": text})
+                        delta["content"] = text
+                if item.tool_calls:
+                    delta["tool_calls"] = item.tool_calls
+                if delta or item.logprobs is not None:
+                    yield chunk(delta, logprobs=item.logprobs)
                 if item.finish_reason is not None:
                     finish_reason = item.finish_reason
                     used_prompt = item.prompt_tokens or used_prompt

@@ -17,6 +17,7 @@ that is the last word, usually one token; everything before it is redacted and s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from flask import current_app, has_app_context
 
@@ -44,7 +45,7 @@ class Decision:
     policy_version: int | None
     action: str  # "allow" | "redact" | "block"
     detectors: tuple[str, ...]
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     texts: list[str] | None
     redact_output: bool
     audit_raw_content: bool
@@ -136,7 +137,7 @@ def _scan(policy: EffectivePolicy, texts: list[str], param: str) -> tuple[tuple[
     return fired, [redact(text, found) if found else text for text, found in zip(texts, spans, strict=True)]
 
 
-def _with_prefix(messages: list[dict[str, str]], prefix: str) -> list[dict[str, str]]:
+def _with_prefix(messages: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
     """The prefix joins the first system message, or becomes one: many chat templates accept
     a single system message, at the start."""
     if messages and messages[0].get("role") == "system":
@@ -146,7 +147,7 @@ def _with_prefix(messages: list[dict[str, str]], prefix: str) -> list[dict[str, 
 
 
 def check_chat(
-    principal: Principal, model: str, messages: list[dict[str, str]], max_tokens: int | None
+    principal: Principal, model: str, messages: list[dict[str, Any]], max_tokens: int | None
 ) -> Decision:
     """The policy step of a chat call; raises PolicyViolation, returns what the model may see.
 
@@ -163,12 +164,16 @@ def check_chat(
             "max_tokens",
             f"max_tokens is {max_tokens}; this tenant's policy allows at most {rules.max_tokens}.",
         )
-    contents = [m["content"] for m in messages]
+    # An assistant message that only called tools has content null; it stays null.
+    contents = [m.get("content") or "" for m in messages]
     _check_size(policy, contents, "messages")
     fired, redacted = _scan(policy, contents, "messages")
     seen = messages
     if redacted is not None:
-        seen = [{**m, "content": text} for m, text in zip(messages, redacted, strict=True)]
+        seen = [
+            m if m.get("content") is None else {**m, "content": text}
+            for m, text in zip(messages, redacted, strict=True)
+        ]
     if rules.system_prompt_prefix:
         seen = _with_prefix(seen, rules.system_prompt_prefix)
     return _decision(
