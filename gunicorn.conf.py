@@ -72,7 +72,9 @@ def on_starting(server):
     try:
         os.makedirs(_metrics_dir, exist_ok=True)
     except OSError as exc:
-        sys.stderr.write(f"configuration error: PROMETHEUS_MULTIPROC_DIR: cannot create {_metrics_dir}: {exc}\n")
+        sys.stderr.write(
+            f"configuration error: PROMETHEUS_MULTIPROC_DIR: cannot create {_metrics_dir}: {exc}\n"
+        )
         sys.exit(2)
 
 

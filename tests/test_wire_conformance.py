@@ -264,8 +264,15 @@ def test_json_schema_output_of_smollm2_validates(sdk, stream):
 
 
 @pytest.mark.server
-def test_a_schema_llama_cannot_enforce_is_a_400(sdk):
-    schema = {"type": "object", "properties": {"a": {"$ref": "https://example.com/elsewhere.json"}}}
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"a": {"$ref": "https://example.com/elsewhere.json"}}},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 10**8},
+    ],
+    ids=["remote-ref", "huge-repetition"],
+)
+def test_a_schema_llama_cannot_enforce_is_a_400(sdk, schema):
     error = refused(
         lambda: sdk.chat.completions.create(
             model="smollm2",
@@ -274,7 +281,7 @@ def test_a_schema_llama_cannot_enforce_is_a_400(sdk):
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
         )
     )
-    assert error.param == "response_format.json_schema.schema"
+    assert (error.param, error.code) == ("response_format.json_schema.schema", "invalid_value")
 
 
 @pytest.mark.server

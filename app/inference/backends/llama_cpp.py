@@ -38,6 +38,11 @@ from app.inference.backends.base import Backend, ChatChunk, ChatRequest, ModelSp
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # llama.cpp samples with a uint32 seed, and 0xFFFFFFFF means "pick one at random".
 SEED_MODULUS = 0xFFFFFFFF
+# A schema such as {"minItems": 100000} expands into a grammar that large; llama.cpp would hold
+# and walk it on every sampled token, so past this size the schema is refused.
+MAX_GRAMMAR_CHARS = 200_000
+MAX_REPETITION = 1_000
+REPETITION_KEYWORDS = frozenset({"minItems", "maxItems", "minLength", "maxLength"})
 
 
 def default_model_path() -> Path:
@@ -230,11 +235,34 @@ def _schema_grammar(schema: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(schema)
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise APIError(
-            400,
-            f"response_format.json_schema.schema: this model can't enforce the schema: {exc}",
-            code="invalid_value",
-            param="response_format.json_schema.schema",
-        ) from None
+        _check_repetitions(json.loads(schema))
+        grammar = json_schema_to_gbnf(schema)
+    except APIError:
+        raise
+    except Exception as exc:  # the converter reports what it can't translate with assert, TypeError...
+        raise _schema_refused(str(exc) or type(exc).__name__) from None
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise _schema_refused(f"its grammar would be {len(grammar)} characters, above {MAX_GRAMMAR_CHARS}")
+    return grammar
+
+
+def _check_repetitions(node: Any) -> None:
+    """The converter spells out every repetition, so a bound such as minItems 10**8 would take
+    the worker's memory and seconds of CPU on the hub before any size check could run."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in REPETITION_KEYWORDS and isinstance(value, int) and value > MAX_REPETITION:
+                raise _schema_refused(f"{key} is {value}; at most {MAX_REPETITION} is supported")
+            _check_repetitions(value)
+    elif isinstance(node, list):
+        for item in node:
+            _check_repetitions(item)
+
+
+def _schema_refused(reason: str) -> APIError:
+    return APIError(
+        400,
+        f"response_format.json_schema.schema: this model can't enforce the schema: {reason}",
+        code="invalid_value",
+        param="response_format.json_schema.schema",
+    )
