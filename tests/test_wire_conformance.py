@@ -389,3 +389,32 @@ def test_raw_http_unknown_parameter_names_it(gateway):
         "unknown_parameter",
         "functions",
     )
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "code"),
+    [
+        ("/v1/models/" + "x" * 9000, {}, 414, "request_line_too_long"),
+        ("/v1/models", {f"X-Extra-{i}": "1" for i in range(120)}, 431, "headers_too_large"),
+        ("/v1/models", {"X-Big": "y" * 9000}, 431, "headers_too_large"),
+    ],
+    ids=["long-path", "many-headers", "big-header"],
+)
+def test_what_gunicorn_refuses_is_json_too(gateway, path, headers, status, code):
+    """gunicorn answers these before Flask; its worker writes our shape, not its HTML page."""
+    resp = requests.get(
+        gateway.url + path, headers={"Authorization": f"Bearer {gateway.key}", **headers}, timeout=30
+    )
+    assert resp.status_code == status, resp.text
+    assert resp.headers["Content-Type"] == "application/json"
+    body = resp.json()
+    assert (body["error"]["type"], body["error"]["code"]) == ("invalid_request_error", code)
+    assert body["request_id"] == resp.headers["X-Request-ID"]
+    # Within the limits, a long model id is the app's own 404, in the same shape.
+    ok = requests.get(
+        gateway.url + "/v1/models/" + "x" * 5000,
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=30,
+    )
+    assert ok.status_code == 404 and ok.json()["error"]["code"] == "model_not_found"
