@@ -9,6 +9,8 @@ an OpenAI-compatible upstream (the simulator) and back, streamed and not.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from typing import Any
 
 import jsonschema
@@ -161,6 +163,7 @@ def gateway(sqlite_template, tmp_path_factory, simulator):
     key = support.issue_key(db_url)
     with support.GunicornServer(env, workers=1, ready_path="/readyz") as server:
         server.key = key
+        server.db_url = db_url
         yield server
 
 
@@ -342,6 +345,56 @@ def test_streamed_tool_calls_and_logprobs_are_relayed(sdk):
         e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
     ]
     assert [e.token for e in entries] == ["tok0", " tok1", " tok2"]
+
+
+def audit_output_sha256(db_url: str, request_id: str) -> str | None:
+    """The audit record's output hash, once the batch writer has written it."""
+    from sqlalchemy import create_engine, select
+
+    from app.governance.audit.models import AuditRecord
+
+    engine = create_engine(db_url)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with engine.connect() as conn:
+                stmt = select(AuditRecord.output_sha256).where(AuditRecord.request_id == request_id)
+                found = conn.execute(stmt).first()
+            if found is not None or time.monotonic() > deadline:
+                return found[0] if found else None
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.server
+def test_streamed_and_whole_tool_calls_are_audited_alike(gateway):
+    """The record of a streamed tool call holds the call assembled from its pieces: the same
+    output hash as the non-streamed reply to the same request."""
+    from app.governance.audit.records import canonical_json, sha256_hex
+
+    body = {
+        "model": "upstream-chat",
+        "messages": [{"role": "user", "content": "audit me"}],
+        "tools": WEATHER_TOOLS,
+    }
+    ids = [uuid.uuid4().hex, uuid.uuid4().hex]
+    whole = requests.post(
+        gateway.url + CHAT,
+        json=body,
+        headers={"Authorization": f"Bearer {gateway.key}", "X-Request-ID": ids[0]},
+        timeout=30,
+    )
+    streamed = requests.post(
+        gateway.url + CHAT,
+        json={**body, "stream": True},
+        headers={"Authorization": f"Bearer {gateway.key}", "X-Request-ID": ids[1]},
+        timeout=30,
+    )
+    assert whole.status_code == streamed.status_code == 200
+    assert streamed.text.endswith("data: [DONE]\n\n")
+    expected = sha256_hex(canonical_json(whole.json()["choices"][0]["message"]))
+    assert [audit_output_sha256(gateway.db_url, rid) for rid in ids] == [expected, expected]
 
 
 @pytest.mark.server

@@ -271,7 +271,7 @@ def chat_completion(principal: Principal, body: dict[str, Any]) -> dict[str, Any
         reservation.release()
         raise
 
-    def settle(prompt: int, completion: int, output: str, completed: bool) -> None:
+    def settle(prompt: int, completion: int, output: Any, completed: bool) -> None:
         # Tokens generated before a disconnect were real work; the unused rest comes back.
         if completion:
             reservation.settle(prompt + completion)

@@ -112,10 +112,11 @@ def chat_event_stream(
     interruptible: bool,
     ping_interval: float,
     redactor: OutputRedactor,
-    on_finish: Callable[[int, int, str, bool], None],
+    on_finish: Callable[[int, int, Any, bool], None],
 ) -> Response:
     """The SSE response. `on_finish(prompt_tokens, completion_tokens, output, completed)` runs
-    exactly once, however the stream ends.
+    exactly once, however the stream ends; `output` is the text sent, or, when the model called
+    tools, the message as a non-streamed reply would have had it (calls assembled from their pieces).
 
     Output passes through the tenant policy's redactor, which holds back only the few
     characters that could still grow into a match.
@@ -142,6 +143,7 @@ def chat_event_stream(
         pump = Pump(chunks, interruptible)
         used_prompt, used_completion, completed = prompt_tokens, 0, False
         sent: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
         try:
             yield chunk({"role": "assistant", "content": ""})
             finish_reason = "stop"
@@ -157,6 +159,7 @@ def chat_event_stream(
                         delta["content"] = text
                 if item.tool_calls:
                     delta["tool_calls"] = item.tool_calls
+                    _assemble(calls, item.tool_calls)
                 if delta or item.logprobs is not None:
                     yield chunk(delta, logprobs=item.logprobs)
                 if item.finish_reason is not None:
@@ -193,6 +196,29 @@ def chat_event_stream(
             yield sse(APIError(500, "The stream failed; quote the request_id to the operator.").payload())
         finally:
             pump.close()
-            on_finish(used_prompt, used_completion, "".join(sent), completed)
+            text = "".join(sent)
+            output: Any = text
+            if calls:
+                output = {"role": "assistant", "content": text or None, "tool_calls": list(calls.values())}
+            on_finish(used_prompt, used_completion, output, completed)
 
     return Response(stream_with_context(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+def _assemble(calls: dict[int, dict[str, Any]], pieces: list[dict[str, Any]]) -> None:
+    """Merge streamed tool-call pieces by `index`: the first names the call, the rest add arguments.
+    Pieces come from an upstream, so odd types are skipped rather than trusted."""
+    for piece in pieces:
+        if not isinstance(piece, dict):
+            continue
+        index = piece["index"] if isinstance(piece.get("index"), int) else 0
+        function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+        call = calls.setdefault(
+            index, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}}
+        )
+        if isinstance(piece.get("id"), str):
+            call["id"] = piece["id"]
+        if isinstance(function.get("name"), str):
+            call["function"]["name"] = function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"] += function["arguments"]
