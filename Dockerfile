@@ -25,7 +25,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl \
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels flask-ai-gateway && rm -rf /wheels
 WORKDIR /srv
-COPY --chown=gateway:gateway wsgi.py gunicorn.conf.py ./
+COPY --chown=gateway:gateway wsgi.py gunicorn.conf.py gunicorn_worker.py ./
 COPY --chown=gateway:gateway migrations ./migrations
 COPY --chown=gateway:gateway config ./config
 RUN mkdir -p /srv/instance && chown gateway:gateway /srv/instance

@@ -10,7 +10,7 @@ import shutil
 import sys
 
 
-def _count(name: str, default: int, minimum: int = 0) -> int:
+def _count(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     """A whole-number setting, or one line naming the variable and exit: gunicorn would print a
     traceback for a bad value read here. (config/ can't be used: it would import the app's stack.)"""
     raw = os.environ.get(name) or str(default)
@@ -18,8 +18,9 @@ def _count(name: str, default: int, minimum: int = 0) -> int:
         value = int(raw)
     except ValueError:
         value = minimum - 1
-    if value < minimum:
-        sys.stderr.write(f"configuration error: {name}: must be a whole number >= {minimum}, got {raw!r}\n")
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        sys.stderr.write(f"configuration error: {name}: must be a whole number {bounds}, got {raw!r}\n")
         sys.exit(2)
     return value
 
@@ -28,7 +29,8 @@ def _count(name: str, default: int, minimum: int = 0) -> int:
 # greenlets, not processes. 1 by default because the embedded defaults (no Redis) only hold
 # exactly in one process; production sets WEB_CONCURRENCY and REDIS_URL together.
 workers = _count("WEB_CONCURRENCY", 1, minimum=1)
-worker_class = "gevent"
+# gevent's worker, answering gunicorn's own refusals (the limits below) in the gateway's JSON shape.
+worker_class = "gunicorn_worker.GatewayGeventWorker"
 # Greenlets per worker: long SSE streams each hold one, so this is also the stream ceiling.
 worker_connections = _count("WORKER_CONNECTIONS", 1000, minimum=1)
 # Loopback by default: the embedded defaults (bootstrap key, no TLS) are for one machine;
@@ -44,6 +46,13 @@ keepalive = _count("KEEPALIVE", 5)
 # Recycle workers now and then to bound slow leaks in native libraries; 0 disables.
 max_requests = _count("MAX_REQUESTS", 0)
 max_requests_jitter = _count("MAX_REQUESTS_JITTER", 0)
+# What gunicorn refuses before the app sees a request (414 / 431, JSON; see gunicorn_worker.py).
+# Set here, not left to gunicorn's defaults, because they bound what a client may send: the
+# longest path and query (a model id, an audit query), the number of headers and the longest one
+# (a JWT, a proxy's forwarding headers). gunicorn can't go above 8190 bytes for a request line.
+limit_request_line = _count("LIMIT_REQUEST_LINE", 8190, minimum=256, maximum=8190)
+limit_request_fields = _count("LIMIT_REQUEST_FIELDS", 100, minimum=16, maximum=32768)
+limit_request_field_size = _count("LIMIT_REQUEST_FIELD_SIZE", 8190, minimum=1024, maximum=65536)
 # Preloading would import the app (and ssl) before gevent patches the worker.
 preload_app = False
 wsgi_app = "wsgi:app"

@@ -50,6 +50,9 @@ ERROR_CODES: dict[int, str] = {
     503: "service_unavailable",
     504: "gateway_timeout",
 }
+# The message of marshmallow's unknown-field error in the strict (OpenAI) schemas; the handler
+# gives such errors the code `unknown_parameter`, as OpenAI does.
+UNKNOWN_PARAMETER = "Unrecognized request argument."
 BODY_LOCATIONS = {"json", "form", "query", "querystring", "view_args", "path", "headers", "files"}
 
 
@@ -140,7 +143,10 @@ def handle_http_exception(error: HTTPException) -> Response:
         details = flatten_messages(messages)
         first = details[0] if details else {"param": None, "message": message}
         text = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
-        return APIError(status, text, param=first["param"], details=details, headers=headers).response()
+        code = "unknown_parameter" if first["message"] == UNKNOWN_PARAMETER else "validation_error"
+        return APIError(
+            status, text, code=code, param=first["param"], details=details, headers=headers
+        ).response()
     if status >= 500:
         log.error("http_error", status=status, error=message)
         message = error.name if status == 500 else message

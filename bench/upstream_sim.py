@@ -23,6 +23,16 @@ request with an ``X-Sim-*`` header such as ``X-Sim-Latency-Ms``:
   with 503; counters restart on ``/sim/config`` and ``/sim/reset``.
 - ``retry_after``: ``Retry-After`` header value sent with 429/503 faults (empty = none).
 - Server-only: ``embedding_dim`` (default ``dimensions``), ``models`` (comma list for /v1/models), ``seed``.
+
+Chat requests are answered the way OpenAI shapes them, deterministically, so pass-through can be tested:
+
+- ``tools`` (unless ``tool_choice`` is ``"none"``): the reply calls the named function of ``tool_choice``,
+  else the first tool, with arguments sampled from its ``parameters`` schema; ``content`` is null,
+  ``finish_reason`` is ``"tool_calls"``, and streams send the call in pieces keyed by ``index``.
+- ``response_format`` ``json_object`` / ``json_schema``: the content is JSON (sampled from the schema).
+- ``logprobs`` (with ``top_logprobs``): every content token gets a log probability and alternatives.
+- A ``tool`` message must answer a ``tool_calls`` id of an earlier assistant message, and an assistant
+  message may have null content only with ``tool_calls``, as OpenAI checks (400 otherwise).
 """
 
 from __future__ import annotations
@@ -259,7 +269,10 @@ class _CountingServer(web.Server):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Completion:
-    """What one chat request will produce, computed once so stream and non-stream agree."""
+    """What one chat request will produce, computed once so stream and non-stream agree.
+
+    `tokens` are the content's pieces, or those of the tool call's arguments when `tool_call` is set.
+    """
 
     cid: str
     created: int
@@ -267,6 +280,35 @@ class _Completion:
     prompt_tokens: int
     tokens: tuple[str, ...]
     finish_reason: str
+    tool_call: dict[str, Any] | None = None
+    top_logprobs: int | None = None  # None: no logprobs asked for
+
+    def message(self) -> dict[str, Any]:
+        if self.tool_call is None:
+            return {"role": "assistant", "content": "".join(self.tokens)}
+        call = {
+            **self.tool_call,
+            "function": {**self.tool_call["function"], "arguments": "".join(self.tokens)},
+        }
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+    def logprobs(self, start: int = 0, stop: int | None = None) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for content tokens [start, stop); None unless asked for."""
+        if self.top_logprobs is None or self.tool_call is not None:
+            return None
+        entries = []
+        for index in range(start, len(self.tokens) if stop is None else stop):
+            token = self.tokens[index]
+            alternatives = [token] + [f"alt{j}" for j in range(1, self.top_logprobs)]
+            entries.append(
+                {
+                    **_logprob(token, index, 0),
+                    "top_logprobs": [
+                        _logprob(t, index, j) for j, t in enumerate(alternatives[: self.top_logprobs])
+                    ],
+                }
+            )
+        return {"content": entries, "refusal": None}
 
     def usage(self) -> dict[str, int]:
         n = len(self.tokens)
@@ -427,8 +469,8 @@ class UpstreamSim:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(completion.tokens)},
-                    "logprobs": None,
+                    "message": completion.message(),
+                    "logprobs": completion.logprobs(),
                     "finish_reason": completion.finish_reason,
                 }
             ],
@@ -516,9 +558,17 @@ class UpstreamSim:
         }
         usage_tail = {"usage": None} if include_usage else {}
 
-        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, index: int | None = None) -> bytes:
+            logprobs = completion.logprobs(index, index + 1) if index is not None else None
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return _sse({**base, "choices": [choice], **usage_tail})
+
+        call = completion.tool_call
+
+        def piece(index: int) -> bytes:
+            if call is None:
+                return chunk({"content": tokens[index]}, index=index)
+            return chunk({"tool_calls": [{"index": 0, "function": {"arguments": tokens[index]}}]})
 
         if knobs.ttft_ms > 0:
             await asyncio.sleep(knobs.ttft_ms / 1000)
@@ -526,7 +576,11 @@ class UpstreamSim:
         emitted = len(tokens) // 2 if fault in ("cut", "stall") else len(tokens)
         if fault in ("cut", "malformed", "stall"):
             self.stats.faults[fault] += 1
-        pending = [chunk({"role": "assistant", "content": ""})]
+        if call is None:
+            pending = [chunk({"role": "assistant", "content": ""})]
+        else:
+            header = {**call, "index": 0, "function": {"name": call["function"]["name"], "arguments": ""}}
+            pending = [chunk({"role": "assistant", "content": None, "tool_calls": [header]})]
         loop = asyncio.get_running_loop()
         start = loop.time()
         for index in range(emitted):
@@ -540,7 +594,7 @@ class UpstreamSim:
                 truncated = f'{{"id":"{completion.cid}","choices":[{{"delta":{{"content":"'
                 pending.append(f"data: {truncated}\n\n".encode())
             else:
-                pending.append(chunk({"content": tokens[index]}))
+                pending.append(piece(index))
         if fault in ("cut", "stall"):
             await response.write(b"".join(pending))
             if fault == "stall":
@@ -629,10 +683,13 @@ def _plan_completion(body: dict[str, Any], knobs: Knobs) -> _Completion:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _BadRequest("messages must be a non-empty list")
+    _check_tool_messages(messages)
     prompt_tokens = sum(count_words(m.get("content")) for m in messages if isinstance(m, dict))
-    count = knobs.tokens
+    tool_call = _plan_tool_call(body)
+    pieces = _plan_content(body, knobs) if tool_call is None else _split(tool_call.pop("arguments"))
+    count = len(pieces)
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    finish_reason = "stop"
+    finish_reason = "stop" if tool_call is None else "tool_calls"
     if isinstance(limit, int) and 0 < limit < count:
         count, finish_reason = limit, "length"
     return _Completion(
@@ -640,9 +697,119 @@ def _plan_completion(body: dict[str, Any], knobs: Knobs) -> _Completion:
         created=int(time.time()),
         model=body.get("model") or knobs.models[0],
         prompt_tokens=prompt_tokens,
-        tokens=tuple(f"tok{i}" if i == 0 else f" tok{i}" for i in range(count)),
+        tokens=pieces[:count],
         finish_reason=finish_reason,
+        tool_call=tool_call,
+        top_logprobs=_top_logprobs(body),
     )
+
+
+def _check_tool_messages(messages: list[Any]) -> None:
+    """OpenAI's rules: a tool message answers an earlier call; only tool calls excuse null content."""
+    called: set[str] = set()
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _BadRequest(f"messages[{index}] must be an object")
+        calls = message.get("tool_calls") or []
+        if message.get("role") == "assistant":
+            called.update(c.get("id") for c in calls if isinstance(c, dict))
+        if message.get("content") is None and not (message.get("role") == "assistant" and calls):
+            raise _BadRequest(f"messages[{index}].content must not be null")
+        if message.get("role") == "tool" and message.get("tool_call_id") not in called:
+            raise _BadRequest(
+                f"messages[{index}]: a message with role 'tool' must be a response to a preceding "
+                "message with 'tool_calls'"
+            )
+
+
+def _plan_tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The call the reply makes (with its arguments still joined), or None for a text reply."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice", "auto")
+    if not tools or choice == "none":
+        return None
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+        for t in tools
+    ):
+        raise _BadRequest("tools must be a list of function tools")
+    functions = {t["function"].get("name"): t["function"] for t in tools}
+    name = next(iter(functions))
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name not in functions:
+            raise _BadRequest(f"tool_choice names an unknown function {name!r}")
+    arguments = sample_json(functions[name].get("parameters") or {"type": "object"})
+    return {
+        "id": "call_" + hashlib.sha256(_dumps(body.get("messages")).encode()).hexdigest()[:24],
+        "type": "function",
+        "function": {"name": name},
+        "arguments": _dumps(arguments),
+    }
+
+
+def _plan_content(body: dict[str, Any], knobs: Knobs) -> tuple[str, ...]:
+    response_format = body.get("response_format") or {"type": "text"}
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    words = tuple(f"tok{i}" if i == 0 else f" tok{i}" for i in range(knobs.tokens))
+    if kind == "text":
+        return words
+    if kind == "json_object":
+        return _split(_dumps({"content": "".join(words)}))
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        return _split(_dumps(sample_json(response_format["json_schema"].get("schema") or {"type": "object"})))
+    raise _BadRequest("response_format must have type text, json_object or json_schema (with json_schema)")
+
+
+def _top_logprobs(body: dict[str, Any]) -> int | None:
+    if not body.get("logprobs"):
+        if body.get("top_logprobs") is not None:
+            raise _BadRequest("top_logprobs requires logprobs to be true")
+        return None
+    top = body.get("top_logprobs") or 0
+    if not isinstance(top, int) or not 0 <= top <= 20:
+        raise _BadRequest("top_logprobs must be an integer in [0, 20]")
+    return top
+
+
+def _logprob(token: str, position: int, rank: int) -> dict[str, Any]:
+    """Deterministic values: the chosen token is the likeliest, alternatives fall off by rank."""
+    return {"token": token, "logprob": -0.01 * (position + 1) - rank, "bytes": list(token.encode())}
+
+
+def _split(text: str, size: int = 4) -> tuple[str, ...]:
+    """JSON text in token-sized pieces, so streams and max_tokens truncation behave as for words."""
+    return tuple(text[i : i + size] for i in range(0, len(text), size)) or ("",)
+
+
+def sample_json(schema: Any) -> Any:
+    """A value matching the common JSON Schema keywords (type, properties, items, enum, const,
+    anyOf/oneOf, minimum), as a model constrained to the schema would produce."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return sample_json(schema[key][0])
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = kind[0]
+    if kind == "object":
+        return {name: sample_json(sub) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [sample_json(schema.get("items") or {"type": "string"})] * max(1, schema.get("minItems", 1))
+    if kind == "string":
+        return "tok0"
+    if kind == "integer":
+        return int(schema.get("minimum", 0))
+    if kind == "number":
+        return float(schema.get("minimum", 0))
+    if kind == "boolean":
+        return True
+    return None
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:

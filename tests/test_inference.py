@@ -205,18 +205,18 @@ CHAT = "/v1/chat/completions"
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
-        ({"messages": [{"role": "user", "content": "x"}]}, 422, "validation_error", "model"),
-        ({"model": "smollm2", "messages": "hello"}, 422, "validation_error", "messages"),
-        ({"model": "smollm2", "messages": []}, 422, "validation_error", "messages"),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "validation_error", "model"),
+        ({"model": "smollm2", "messages": "hello"}, 400, "validation_error", "messages"),
+        ({"model": "smollm2", "messages": []}, 400, "validation_error", "messages"),
         (
             {"model": "smollm2", "messages": [{"role": "robot", "content": "x"}]},
-            422,
+            400,
             "validation_error",
             "messages.0.role",
         ),
         (
             {"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
-            422,
+            400,
             "validation_error",
             "temperature",
         ),
@@ -229,7 +229,7 @@ CHAT = "/v1/chat/completions"
         ),
         (
             {"model": "smollm2", "messages": [{"role": "user", "content": "x"}], "n": 0},
-            422,
+            400,
             "validation_error",
             "n",
         ),
@@ -278,7 +278,7 @@ def test_embeddings_bad_input(gateway):
     )
     assert_error(
         post(gateway, "/v1/embeddings", {"model": "minilm", "input": [1, 2]}),
-        422,
+        400,
         "validation_error",
         "input",
     )

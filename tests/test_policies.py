@@ -80,6 +80,32 @@ def set_policy(client, key: str, rules: dict, tenant_id: str | None = None) -> d
     return resp.get_json()
 
 
+def test_tool_call_arguments_are_scanned_like_content(app, client, world):
+    """An assistant message may carry text only in its tool calls' arguments (content null)."""
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "mail", "arguments": '{"to": "a@b.example"}'},
+    }
+    messages = [
+        {"role": "user", "content": "write to my colleague"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sent"},
+    ]
+    set_policy(client, world.a_key, {"pii": {"email": "redact"}})
+    with app.test_request_context():
+        decision = check_chat(principal(world.a_tenant), "any", messages, None)
+    assert decision.detectors == ("email",)
+    assistant = decision.messages[1]
+    assert assistant["content"] is None
+    assert assistant["tool_calls"][0]["function"]["arguments"] == f'{{"to": "{PLACEHOLDERS["email"]}"}}'
+    assert decision.messages[0] == messages[0] and decision.messages[2] == messages[2]
+    set_policy(client, world.a_key, {"pii": {"email": "block"}})
+    with app.test_request_context(), pytest.raises(PolicyViolation) as info:
+        check_chat(principal(world.a_tenant), "any", messages, None)
+    assert (info.value.code, info.value.param) == ("policy_violation", "messages")
+
+
 def every(action: str) -> dict[str, str]:
     return dict.fromkeys(DETECTORS, action)
 

@@ -1,4 +1,9 @@
-"""OpenAI-compatible routes: models, chat completions (JSON and SSE), embeddings."""
+"""OpenAI-compatible routes: models, chat completions (JSON and SSE), embeddings.
+
+An invalid request is a 400 `invalid_request_error` naming the field, as OpenAI answers, not
+webargs' 422: the `openai` SDK maps the status to its exception class (`BadRequestError`), and
+clients written against OpenAI catch that one.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from app.inference.schemas import (
     ModelSchema,
 )
 
+OPENAI_INVALID = 400
 SSE_DESCRIPTION = (
     "With `stream: true`: server-sent events, each `data: <chat.completion.chunk>`, then `data: [DONE]`. "
     "With `stream_options.include_usage`, a last chunk with empty `choices` carries the usage. "
@@ -59,7 +65,7 @@ def get_model(model_id: str) -> dict[str, Any]:
 
 @blp.route("/v1/chat/completions", methods=["POST"])
 @require_scopes("inference:invoke")
-@blp.arguments(ChatCompletionRequestSchema)
+@blp.arguments(ChatCompletionRequestSchema, error_status_code=OPENAI_INVALID)
 @blp.response(200, ChatCompletionSchema)
 @blp.alt_response(
     200,
@@ -76,7 +82,7 @@ def chat_completions(body: dict[str, Any]) -> dict[str, Any] | Response:
 
 @blp.route("/v1/embeddings", methods=["POST"])
 @require_scopes("inference:invoke")
-@blp.arguments(EmbeddingRequestSchema)
+@blp.arguments(EmbeddingRequestSchema, error_status_code=OPENAI_INVALID)
 @blp.response(200, EmbeddingListSchema)
 @unbounded
 def embeddings(body: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ The functions take the principal explicitly so fan-out can run them on other gre
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from app.governance.policies import engine as policies
 from app.governance.policies.engine import Decision, PolicyViolation
 from app.identity import quota
 from app.identity.principal import Principal
-from app.inference.backends.base import ChatRequest, text_input
+from app.inference.backends.base import CHAT_OPTIONS, ChatRequest, text_input
 from app.inference.catalogue import catalogue
 from app.inference.offload import run_in_thread
 from app.inference.runtime import ModelRuntime
@@ -84,6 +85,36 @@ def _note_decision(decision: Decision) -> None:
     )
 
 
+def _message_text(message: dict[str, Any]) -> str:
+    """All the text a message gives the model: its content and the arguments of its tool calls."""
+    calls = message.get("tool_calls") or ()
+    return (message.get("content") or "") + "".join(c["function"]["arguments"] for c in calls)
+
+
+def _chat_options(runtime: ModelRuntime, body: dict[str, Any]) -> dict[str, Any]:
+    """The optional OpenAI parameters the client set, each refused by name unless this model's
+    backend serves it; unset and false ones (`logprobs: false`) ask for nothing."""
+    options = {k: body[k] for k in sorted(CHAT_OPTIONS) if body.get(k) is not None and body[k] is not False}
+    served = runtime.backend.chat_options
+    for name in options:
+        if name not in served:
+            raise reject(
+                name,
+                f"Model '{runtime.name}' does not support the '{name}' parameter.",
+                "unsupported_parameter",
+            )
+    if "tools" not in served:
+        for index, message in enumerate(body["messages"]):
+            for key in ("tool_calls", "tool_call_id"):
+                if key in message:
+                    raise reject(
+                        f"messages.{index}.{key}",
+                        f"Model '{runtime.name}' does not support tools, so its messages can't carry {key}.",
+                        "unsupported_parameter",
+                    )
+    return options
+
+
 def _chat_request(
     principal: Principal, runtime: ModelRuntime, body: dict[str, Any]
 ) -> tuple[ChatRequest, int, Decision]:
@@ -91,15 +122,23 @@ def _chat_request(
     and the policy decision. The model only ever sees the messages the policy let through."""
     if (body.get("n") or 1) != 1:
         raise reject("n", "Only n=1 is supported.", "unsupported_value")
-    messages = [{"role": m["role"], "content": m["content"]} for m in body["messages"]]
+    options = _chat_options(runtime, body)
+    messages = [dict(m) for m in body["messages"]]
     asked = body.get("max_completion_tokens") or body.get("max_tokens")
     with _audited_policy():
         decision = policies.check_chat(principal, runtime.name, messages, asked)
     _note_decision(decision)
+    if options.get("logprobs") and decision.redact_output and decision.output_detectors:
+        # Log probabilities carry every output token's text, which output redaction must not leak.
+        raise reject(
+            "logprobs",
+            "This tenant's policy redacts model output, so logprobs can't be returned.",
+            "unsupported_parameter",
+        )
     messages = decision.messages or messages
     audit.note(input=messages)
     max_chars = runtime.spec.limit("max_input_chars", 100_000)
-    if sum(len(m["content"]) for m in messages) > max_chars:
+    if sum(len(_message_text(m)) for m in messages) > max_chars:
         raise reject(
             "messages",
             f"The messages exceed this model's limit of {max_chars} characters.",
@@ -141,17 +180,23 @@ def _chat_request(
         stream=bool(body.get("stream")),
         request_id=request_id(),
         headers=outgoing_headers(),
+        options=options,
     )
+    backend.check_chat(request)
     return request, prompt_tokens, decision
 
 
 def _chat_need(request: ChatRequest, prompt_tokens: int) -> int:
-    """What a chat may spend: its prompt (counted, or bounded when the model can't count) and max_tokens."""
-    prompt = prompt_tokens or token_bound([m["content"] for m in request.messages])
+    """What a chat may spend: its prompt (counted, or bounded when the model can't count; tool
+    definitions are part of the prompt) and max_tokens."""
+    texts = [_message_text(m) for m in request.messages]
+    if "tools" in request.options:
+        texts.append(json.dumps(request.options["tools"]))
+    prompt = prompt_tokens or token_bound(texts)
     return prompt + (request.max_tokens or 0)
 
 
-def _observe_prompt(principal: Principal, runtime: ModelRuntime, messages: list[dict[str, str]]) -> None:
+def _observe_prompt(principal: Principal, runtime: ModelRuntime, messages: list[dict[str, Any]]) -> None:
     """Drift sees the last user message of a call the model answered; a failed call's input
     says nothing about the traffic the model serves. One message, not the whole conversation:
     the reference sample is single requests."""
@@ -183,8 +228,15 @@ def run_chat(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
         raise
     reservation.settle(result.prompt_tokens + result.completion_tokens)
     _observe_prompt(principal, runtime, request.messages)
-    text = policies.redact_text(decision, result.text)
-    audit.note(tokens_in=result.prompt_tokens, tokens_out=result.completion_tokens, output=text)
+    text = None if result.text is None else policies.redact_text(decision, result.text)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if result.tool_calls:
+        message["tool_calls"] = result.tool_calls
+    audit.note(
+        tokens_in=result.prompt_tokens,
+        tokens_out=result.completion_tokens,
+        output=message if result.tool_calls else text,
+    )
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -193,7 +245,8 @@ def run_chat(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
+                "logprobs": result.logprobs,
                 "finish_reason": result.finish_reason,
             }
         ],
@@ -218,7 +271,7 @@ def chat_completion(principal: Principal, body: dict[str, Any]) -> dict[str, Any
         reservation.release()
         raise
 
-    def settle(prompt: int, completion: int, output: str, completed: bool) -> None:
+    def settle(prompt: int, completion: int, output: Any, completed: bool) -> None:
         # Tokens generated before a disconnect were real work; the unused rest comes back.
         if completion:
             reservation.settle(prompt + completion)

@@ -119,22 +119,28 @@ def chat_event_stream(
     interruptible: bool,
     ping_interval: float,
     redactor: OutputRedactor,
-    on_finish: Callable[[int, int, str, bool], None],
+    on_finish: Callable[[int, int, Any, bool], None],
 ) -> Response:
     """The SSE response. `on_finish(prompt_tokens, completion_tokens, output, completed)` runs
-    exactly once, however the stream ends.
+    exactly once, however the stream ends; `output` is the text sent, or, when the model called
+    tools, the message as a non-streamed reply would have had it (calls assembled from their pieces).
 
     Output passes through the tenant policy's redactor, which holds back only the few
     characters that could still grow into a match.
     """
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+    def chunk(
+        delta: dict[str, Any], finish_reason: str | None = None, logprobs: dict[str, Any] | None = None
+    ) -> str:
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
         body: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": [choice],
         }
         if include_usage:
             body["usage"] = None
@@ -148,6 +154,7 @@ def chat_event_stream(
         pump = Pump(chunks, interruptible)
         used_prompt, used_completion, completed = prompt_tokens, 0, False
         sent: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
         try:
             yield chunk({"role": "assistant", "content": ""})
             finish_reason = "stop"
@@ -155,11 +162,17 @@ def chat_event_stream(
                 if item is PING:
                     yield ": ping\n\n"
                     continue
+                delta: dict[str, Any] = {}
                 if item.text:
                     used_completion += 1
                     if text := redactor.feed(item.text):
                         sent.append(text)
-                        yield chunk({"content": text})
+                        delta["content"] = text
+                if item.tool_calls:
+                    delta["tool_calls"] = item.tool_calls
+                    _assemble(calls, item.tool_calls)
+                if delta or item.logprobs is not None:
+                    yield chunk(delta, logprobs=item.logprobs)
                 if item.finish_reason is not None:
                     finish_reason = item.finish_reason
                     used_prompt = item.prompt_tokens or used_prompt
@@ -194,7 +207,11 @@ def chat_event_stream(
             yield sse(APIError(500, "The stream failed; quote the request_id to the operator.").payload())
         finally:
             pump.close()
-            finish(used_prompt, used_completion, "".join(sent), completed)
+            text = "".join(sent)
+            output: Any = text
+            if calls:
+                output = {"role": "assistant", "content": text or None, "tool_calls": list(calls.values())}
+            finish(used_prompt, used_completion, output, completed)
 
     body = stream_with_context(events())
     discard = _Discard(body, chunks, started, lambda: finish(prompt_tokens, 0, "", False))
@@ -208,11 +225,11 @@ def chat_event_stream(
 class _Once:
     """`on_finish`, run by whichever of the stream's end and a discard comes first."""
 
-    def __init__(self, fn: Callable[[int, int, str, bool], None]) -> None:
-        self._fn: Callable[[int, int, str, bool], None] | None = fn
+    def __init__(self, fn: Callable[[int, int, Any, bool], None]) -> None:
+        self._fn: Callable[[int, int, Any, bool], None] | None = fn
         self._lock = threading.Lock()
 
-    def __call__(self, prompt: int, completion: int, output: str, completed: bool) -> None:
+    def __call__(self, prompt: int, completion: int, output: Any, completed: bool) -> None:
         with self._lock:
             fn, self._fn = self._fn, None
         if fn is not None:
@@ -257,3 +274,22 @@ def _discard_dropped_streams(sender: Flask, exception: BaseException, **_: Any) 
 
 
 got_request_exception.connect(_discard_dropped_streams)
+
+
+def _assemble(calls: dict[int, dict[str, Any]], pieces: list[dict[str, Any]]) -> None:
+    """Merge streamed tool-call pieces by `index`: the first names the call, the rest add arguments.
+    Pieces come from an upstream, so odd types are skipped rather than trusted."""
+    for piece in pieces:
+        if not isinstance(piece, dict):
+            continue
+        index = piece["index"] if isinstance(piece.get("index"), int) else 0
+        function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+        call = calls.setdefault(
+            index, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}}
+        )
+        if isinstance(piece.get("id"), str):
+            call["id"] = piece["id"]
+        if isinstance(function.get("name"), str):
+            call["function"]["name"] = function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"] += function["arguments"]

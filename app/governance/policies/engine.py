@@ -16,7 +16,9 @@ that is the last word, usually one token; everything before it is redacted and s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from flask import current_app, has_app_context
 
@@ -46,7 +48,7 @@ class Decision:
     policy_version: int | None
     action: str  # "allow" | "redact" | "block"
     detectors: tuple[str, ...]
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     texts: list[str] | None
     redact_output: bool
     audit_raw_content: bool
@@ -148,7 +150,7 @@ def _scan(policy: EffectivePolicy, texts: list[str], param: str) -> tuple[tuple[
     return fired, [redact(text, found) if found else text for text, found in zip(texts, spans, strict=True)]
 
 
-def _with_prefix(messages: list[dict[str, str]], prefix: str) -> list[dict[str, str]]:
+def _with_prefix(messages: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
     """The prefix joins the first system message, or becomes one: many chat templates accept
     a single system message, at the start."""
     if messages and messages[0].get("role") == "system":
@@ -157,9 +159,27 @@ def _with_prefix(messages: list[dict[str, str]], prefix: str) -> list[dict[str, 
     return [{"role": "system", "content": prefix}, *messages]
 
 
+def _with_texts(
+    messages: list[dict[str, Any]], contents: list[str], arguments: Iterator[str]
+) -> list[dict[str, Any]]:
+    """The messages with their (redacted) contents and tool-call arguments, in scan order."""
+    seen = []
+    for message, text in zip(messages, contents, strict=True):
+        if message.get("content") is not None:
+            message = {**message, "content": text}
+        if message.get("tool_calls"):
+            calls = [
+                {**c, "function": {**c["function"], "arguments": next(arguments)}}
+                for c in message["tool_calls"]
+            ]
+            message = {**message, "tool_calls": calls}
+        seen.append(message)
+    return seen
+
+
 @tracing.step("policy")
 def check_chat(
-    principal: Principal, model: str, messages: list[dict[str, str]], max_tokens: int | None
+    principal: Principal, model: str, messages: list[dict[str, Any]], max_tokens: int | None
 ) -> Decision:
     """The policy step of a chat call; raises PolicyViolation, returns what the model may see.
 
@@ -176,12 +196,15 @@ def check_chat(
             "max_tokens",
             f"max_tokens is {max_tokens}; this tenant's policy allows at most {rules.max_tokens}.",
         )
-    contents = [m["content"] for m in messages]
-    _check_size(policy, contents, "messages")
-    fired, redacted = _scan(policy, contents, "messages")
+    # Tool-call arguments an assistant message carries go to the model as much as any content;
+    # a message that only called tools has content null, and it stays null.
+    contents = [m.get("content") or "" for m in messages]
+    arguments = [c["function"]["arguments"] for m in messages for c in m.get("tool_calls") or ()]
+    _check_size(policy, contents + arguments, "messages")
+    fired, redacted = _scan(policy, contents + arguments, "messages")
     seen = messages
     if redacted is not None:
-        seen = [{**m, "content": text} for m, text in zip(messages, redacted, strict=True)]
+        seen = _with_texts(messages, redacted[: len(contents)], iter(redacted[len(contents) :]))
     if rules.system_prompt_prefix:
         seen = _with_prefix(seen, rules.system_prompt_prefix)
     return _decision(

@@ -34,9 +34,28 @@ class ModelSpec:
         return self.limits.get(key, default)
 
 
+# OpenAI chat parameters beyond the common core; a backend lists in `chat_options` those it
+# serves, and the service refuses the others by name (400 `unsupported_parameter`).
+CHAT_OPTIONS = frozenset(
+    {
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "logprobs",
+        "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+    }
+)
+
+
 @dataclass
 class ChatRequest:
-    messages: list[dict[str, str]]
+    """`messages` are OpenAI's (assistant `tool_calls`, `tool` results included); `options` holds
+    the CHAT_OPTIONS the client set, already checked against the backend's `chat_options`."""
+
+    messages: list[dict[str, Any]]
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -46,24 +65,34 @@ class ChatRequest:
     stream: bool = False
     request_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ChatChunk:
-    """A piece of a reply. The last chunk of a stream carries finish_reason and usage."""
+    """A piece of a reply. The last chunk of a stream carries finish_reason and usage.
+
+    `tool_calls` and `logprobs` are the delta's, as OpenAI streams them (tool calls in pieces
+    keyed by `index`), relayed unchanged."""
 
     text: str = ""
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass
 class ChatResult:
-    text: str
+    """`text` is None when the model only called tools (OpenAI's `content: null`)."""
+
+    text: str | None
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -102,6 +131,7 @@ class Backend:
     family: ClassVar[str] = ""
     params_schema: ClassVar[type[ma.Schema]] = NoParams
     capabilities: ClassVar[frozenset[str]] = frozenset()  # subset of {"chat", "embeddings", "infer"}
+    chat_options: ClassVar[frozenset[str]] = frozenset()  # subset of CHAT_OPTIONS
     cpu_bound: ClassVar[bool] = True
     thread_safe: ClassVar[bool] = True  # False: one call at a time per instance
 
@@ -123,7 +153,10 @@ class Backend:
     def context_length(self) -> int | None:
         return None
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+    def check_chat(self, request: ChatRequest) -> None:
+        """Refuse, before a slot or quota is taken, what this family can't serve in a valid request."""
+
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int | None:
         """Token count of the rendered prompt, or None if the family can't tell cheaply."""
         return None
 

@@ -10,11 +10,21 @@ params:
 The prompt is rendered with the GGUF's own `tokenizer.chat_template`, and the same formatter is
 used for generation and for `count_prompt_tokens`, so the pre-flight context check and the usage
 reported afterwards agree with what the model actually saw.
+
+`response_format` is served with llama.cpp's grammar-constrained sampling: `json_object` with
+llama.cpp's JSON grammar, `json_schema` with the grammar llama-cpp-python derives from the schema,
+so the output parses (and matches the schema) whenever generation ends by itself rather than at
+max_tokens. The grammar is passed directly: llama-cpp-python's own `response_format` handling
+knows only its `{"type": "json_object", "schema": ...}` dialect, not OpenAI's `json_schema`.
+Tools and logprobs are not served (a 135M model does not call tools usefully); the service
+refuses them by name.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +37,13 @@ from app.errors import APIError
 from app.inference.backends.base import Backend, ChatChunk, ChatRequest, ModelSpec
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama.cpp samples with a uint32 seed, and 0xFFFFFFFF means "pick one at random".
+SEED_MODULUS = 0xFFFFFFFF
+# A schema such as {"minItems": 100000} expands into a grammar that large; llama.cpp would hold
+# and walk it on every sampled token, so past this size the schema is refused.
+MAX_GRAMMAR_CHARS = 200_000
+MAX_REPETITION = 1_000
+REPETITION_KEYWORDS = frozenset({"minItems", "maxItems", "minLength", "maxLength"})
 
 
 def default_model_path() -> Path:
@@ -80,6 +97,7 @@ class LlamaCppBackend(Backend):
     family = "llama_cpp"
     params_schema = LlamaCppParams
     capabilities = frozenset({"chat"})
+    chat_options = frozenset({"response_format", "presence_penalty", "frequency_penalty"})
     cpu_bound = True
     thread_safe = False  # a Llama object holds one KV cache and sampler state
 
@@ -129,9 +147,13 @@ class LlamaCppBackend(Backend):
     def context_length(self) -> int:
         return self.n_ctx
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+    def check_chat(self, request: ChatRequest) -> None:
+        """A schema llama.cpp can't turn into a grammar is the client's 400, found before queueing."""
+        grammar_for(request.options.get("response_format"))
+
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
         """Tokenize the prompt exactly as the chat handler will (template adds the special tokens)."""
-        rendered = self._formatter(messages=messages)
+        rendered = self._formatter(messages=_template_messages(messages))
         return len(self._llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True))
 
     def chat_stream(self, request: ChatRequest) -> Iterator[ChatChunk]:
@@ -162,8 +184,10 @@ class LlamaCppBackend(Backend):
             return scores
 
         params = self.spec.params
+        options = request.options
+        seed = _first(request.seed, params.get("seed"), random.getrandbits(32))
         stream = self._llm.create_chat_completion(
-            messages=request.messages,
+            messages=_template_messages(request.messages),
             stream=True,
             max_tokens=request.max_tokens,
             temperature=_first(request.temperature, params.get("temperature"), 1.0),
@@ -171,7 +195,10 @@ class LlamaCppBackend(Backend):
             stop=list(request.stop),
             # Without an explicit seed llama-cpp-python derives each request's seed from the
             # previous one, so unseeded requests would replay the same sequence after a restart.
-            seed=_first(request.seed, params.get("seed"), random.getrandbits(32)),
+            seed=seed % SEED_MODULUS,
+            presence_penalty=options.get("presence_penalty") or 0.0,
+            frequency_penalty=options.get("frequency_penalty") or 0.0,
+            grammar=grammar_for(options.get("response_format")),
             logits_processor=LogitsProcessorList([count_step]),
         )
         finish_reason = "length"
@@ -194,3 +221,60 @@ class LlamaCppBackend(Backend):
 
 def _first(*values: Any) -> Any:
     return next(v for v in values if v is not None)
+
+
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """What the chat template renders: role and text (the service refuses tool messages here)."""
+    return [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+
+
+def grammar_for(response_format: dict[str, Any] | None) -> Any:
+    """The LlamaGrammar enforcing `response_format`, or None for plain text."""
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    schema = response_format["json_schema"].get("schema") or {"type": "object"}  # type: ignore[index]
+    return LlamaGrammar.from_string(_schema_grammar(json.dumps(schema, sort_keys=True)), verbose=False)
+
+
+@functools.lru_cache(maxsize=128)
+def _schema_grammar(schema: str) -> str:
+    """GBNF for a JSON schema; cached, since `check_chat` and generation both ask for it."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        _check_repetitions(json.loads(schema))
+        grammar = json_schema_to_gbnf(schema)
+    except APIError:
+        raise
+    except Exception as exc:  # the converter reports what it can't translate with assert, TypeError...
+        raise _schema_refused(str(exc) or type(exc).__name__) from None
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise _schema_refused(f"its grammar would be {len(grammar)} characters, above {MAX_GRAMMAR_CHARS}")
+    return grammar
+
+
+def _check_repetitions(node: Any) -> None:
+    """The converter spells out every repetition, so a bound such as minItems 10**8 would take
+    the worker's memory and seconds of CPU on the hub before any size check could run."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in REPETITION_KEYWORDS and isinstance(value, int) and value > MAX_REPETITION:
+                raise _schema_refused(f"{key} is {value}; at most {MAX_REPETITION} is supported")
+            _check_repetitions(value)
+    elif isinstance(node, list):
+        for item in node:
+            _check_repetitions(item)
+
+
+def _schema_refused(reason: str) -> APIError:
+    return APIError(
+        400,
+        f"response_format.json_schema.schema: this model can't enforce the schema: {reason}",
+        code="invalid_value",
+        param="response_format.json_schema.schema",
+    )

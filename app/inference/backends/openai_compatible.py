@@ -42,6 +42,7 @@ import structlog
 from app import tracing
 from app.errors import APIError
 from app.inference.backends.base import (
+    CHAT_OPTIONS,
     Backend,
     ChatChunk,
     ChatRequest,
@@ -295,6 +296,9 @@ class OpenAICompatibleBackend(Backend):
     family = "openai_compatible"
     params_schema = OpenAICompatibleParams
     capabilities = frozenset({"chat", "embeddings"})
+    # Passed through as the client sent them: the upstream speaks OpenAI's API, and its own 400
+    # (relayed with its param) is the best judge of what it supports.
+    chat_options = CHAT_OPTIONS
     cpu_bound = False
     thread_safe = True
 
@@ -376,17 +380,18 @@ class OpenAICompatibleBackend(Backend):
         body = self._chat_body(request, stream=True)
         headers = self._headers(request.headers, request.request_id, "text/event-stream")
         deadline = _Deadline(self._deadline_s)
-        stream, text = self._guarded(
+        stream, first = self._guarded(
             lambda: self._with_retries(deadline, lambda: self._open_stream(body, headers, deadline))
         )
-        return self._relay(stream, text)
+        return self._relay(stream, first)
 
-    def _relay(self, stream: _SSEStream, text: str) -> Iterator[ChatChunk]:
+    def _relay(self, stream: _SSEStream, first: ChatChunk | None) -> Iterator[ChatChunk]:
         name = self.spec.name
+        chunk = first
         try:
-            while text:
-                yield ChatChunk(text=text)
-                text = stream.next_text()
+            while chunk is not None:
+                yield chunk
+                chunk = stream.next_chunk()
             stream.drain()
         except TimeoutError as exc:
             raise UpstreamStreamError(
@@ -417,6 +422,7 @@ class OpenAICompatibleBackend(Backend):
             "user": request.user,
         }
         payload.update((key, value) for key, value in optional.items() if value is not None)
+        payload.update(request.options)
         if request.stop:
             payload["stop"] = request.stop
         if stream:
@@ -426,15 +432,15 @@ class OpenAICompatibleBackend(Backend):
 
     def _open_stream(
         self, body: bytes, headers: dict[str, str], deadline: _Deadline
-    ) -> tuple[_SSEStream, str]:
-        """One attempt, up to the first token: everything in here may still be retried."""
+    ) -> tuple[_SSEStream, ChatChunk | None]:
+        """One attempt, up to the first delta: everything in here may still be retried."""
         with deadline.timeout(self._first_byte_timeout_s):
             response = self._pool().client.request("POST", self._path + "/chat/completions", body, headers)
             try:
                 if response.status_code != 200:
                     raise _status_error(response.status_code, response.read(), response.get("retry-after"))
                 stream = _SSEStream(response, deadline, self._first_byte_timeout_s, self.spec.name)
-                return stream, stream.next_text()
+                return stream, stream.next_chunk()
             except BaseException:
                 response.release()
                 raise
@@ -592,13 +598,13 @@ class _SSEStream:
         self.completion_tokens: int | None = None
         self.done = False
 
-    def next_text(self) -> str:
-        """The next non-empty content delta, or "" once [DONE] has arrived."""
+    def next_chunk(self) -> ChatChunk | None:
+        """The next delta with content, tool calls or logprobs, or None once [DONE] has arrived."""
         while not self.done:
-            text = self._apply(self._next_data())
-            if text:
-                return text
-        return ""
+            chunk = self._apply(self._next_data())
+            if chunk is not None:
+                return chunk
+        return None
 
     def drain(self) -> None:
         """Read the chunked terminator after [DONE], so the connection can go back to the pool."""
@@ -622,10 +628,10 @@ class _SSEStream:
                 elif not line and lines:
                     return b"\n".join(lines)
 
-    def _apply(self, data: bytes) -> str:
+    def _apply(self, data: bytes) -> ChatChunk | None:
         if data == b"[DONE]":
             self.done = True
-            return ""
+            return None
         try:
             event = json.loads(data)
         except ValueError as exc:
@@ -643,13 +649,20 @@ class _SSEStream:
             if usage:
                 self.prompt_tokens = int(usage["prompt_tokens"])
                 self.completion_tokens = int(usage["completion_tokens"])
-            text = ""
+            found: ChatChunk | None = None
             for choice in event.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") or ""
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or ""
+                tool_calls = delta.get("tool_calls") or None
+                logprobs = choice.get("logprobs") or None
+                if not isinstance(text, str):
+                    raise TypeError("content is not a string")
+                if not isinstance(tool_calls, list | None) or not isinstance(logprobs, dict | None):
+                    raise TypeError("tool_calls or logprobs of the wrong type")
                 self.finish_reason = choice.get("finish_reason") or self.finish_reason
-            if not isinstance(text, str):
-                raise TypeError("content is not a string")
-            return text
+                if text or tool_calls or logprobs:
+                    found = ChatChunk(text=text, tool_calls=tool_calls, logprobs=logprobs)
+            return found
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise UpstreamStreamError(
                 f"The upstream of model '{self._model}' sent an event of unexpected shape."
@@ -756,15 +769,23 @@ def _shape_error(model: str, what: str) -> APIError:
 def _chat_result(body: Any, model: str) -> ChatResult:
     try:
         choice = body["choices"][0]
-        text = choice["message"].get("content") or ""
+        message = choice["message"]
+        text = message.get("content")
+        tool_calls = message.get("tool_calls") or None
+        logprobs = choice.get("logprobs") or None
         usage = body.get("usage") or {}
-        if not isinstance(text, str):
+        if not isinstance(text, str | None):
             raise TypeError("content is not a string")
+        if not isinstance(tool_calls, list | None) or not isinstance(logprobs, dict | None):
+            raise TypeError("tool_calls or logprobs of the wrong type")
         return ChatResult(
-            text=text,
+            # content null is only OpenAI's answer for a reply that is all tool calls.
+            text=text if text is not None or tool_calls else "",
             finish_reason=choice.get("finish_reason") or "stop",
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
+            tool_calls=tool_calls,
+            logprobs=logprobs,
         )
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
         raise _shape_error(model, "a chat completion of unexpected shape") from exc
