@@ -46,6 +46,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.inference_bench
 	$(PY) -m bench.audit_bench
 	$(PY) -m bench.tuning
+	$(PY) -m bench.two_instances
 	$(PY) -m bench.liveness
 
 # About 2 minutes: a smoke run of the harness (results in bench/results/quick/, not committed).
