@@ -81,6 +81,7 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
+    from app.console import bp as console
     from app.extensions import api
     from app.governance import blp as governance
     from app.health import blp as health
@@ -89,6 +90,7 @@ def register_blueprints(app: Flask) -> None:
     api.register_blueprint(health)
     api.register_blueprint(inference)
     api.register_blueprint(governance)
+    app.register_blueprint(console)
 
 
 def register_errorhandlers(app: Flask) -> None:

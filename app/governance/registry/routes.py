@@ -69,7 +69,7 @@ class TrafficSchema(ma.Schema):
     )
 
 
-def _dump(model: RegisteredModel) -> dict[str, Any]:
+def dump_model(model: RegisteredModel) -> dict[str, Any]:
     by_id = {v.id: v.version for v in model.versions}
     return {
         "name": model.name,
@@ -93,8 +93,13 @@ def _actor() -> str:
 @blp.response(200, RegisteredModelListSchema)
 def list_registered_models() -> dict[str, Any]:
     """List registered models with their versions and traffic"""
+    return {"data": all_models()}
+
+
+def all_models() -> list[dict[str, Any]]:
+    """Every registered model as the API shows it (the API and the console)."""
     models = db.session.scalars(select(RegisteredModel).order_by(RegisteredModel.name)).all()
-    return {"data": [_dump(m) for m in models]}
+    return [dump_model(m) for m in models]
 
 
 @blp.route("/v1/governance/models", methods=["POST"])
@@ -103,7 +108,7 @@ def list_registered_models() -> dict[str, Any]:
 @blp.response(201, RegisteredModelSchema)
 def register_model(data: dict[str, Any]) -> dict[str, Any]:
     """Register a model name (and aliases); add versions next"""
-    return _dump(registry.create_model(data, _actor()))
+    return dump_model(registry.create_model(data, _actor()))
 
 
 @blp.route("/v1/governance/models/<name>")
@@ -111,7 +116,7 @@ def register_model(data: dict[str, Any]) -> dict[str, Any]:
 @blp.response(200, RegisteredModelSchema)
 def get_registered_model(name: str) -> dict[str, Any]:
     """One model: versions, traffic, status"""
-    return _dump(registry.get_model(name))
+    return dump_model(registry.get_model(name))
 
 
 @blp.route("/v1/governance/models/<name>/versions", methods=["POST"])
@@ -129,7 +134,7 @@ def add_model_version(data: dict[str, Any], name: str) -> Any:
 @blp.response(200, RegisteredModelSchema)
 def set_model_traffic(data: dict[str, Any], name: str) -> dict[str, Any]:
     """Send a share of callers to a canary version (sticky per tenant and user)"""
-    return _dump(registry.set_canary(name, data["canary_version"], data["canary_weight"]))
+    return dump_model(registry.set_canary(name, data["canary_version"], data["canary_weight"]))
 
 
 @blp.route("/v1/governance/models/<name>/promote", methods=["POST"])
@@ -137,7 +142,7 @@ def set_model_traffic(data: dict[str, Any], name: str) -> dict[str, Any]:
 @blp.response(200, RegisteredModelSchema)
 def promote_model_canary(name: str) -> dict[str, Any]:
     """Make the canary the active version; the old one stays loaded for rollback"""
-    return _dump(registry.promote(name))
+    return dump_model(registry.promote(name))
 
 
 @blp.route("/v1/governance/models/<name>/rollback", methods=["POST"])
@@ -146,7 +151,7 @@ def promote_model_canary(name: str) -> dict[str, Any]:
 def rollback_model(name: str) -> dict[str, Any]:
     """Undo the latest step toward a new version: stop the canary if there is one, else return
     to the previous active version"""
-    return _dump(registry.rollback(name))
+    return dump_model(registry.rollback(name))
 
 
 @blp.route("/v1/governance/models/<name>/disable", methods=["POST"])
@@ -154,7 +159,7 @@ def rollback_model(name: str) -> dict[str, Any]:
 @blp.response(200, RegisteredModelSchema)
 def disable_model(name: str) -> dict[str, Any]:
     """Refuse requests for this model (403 model_disabled) until enabled"""
-    return _dump(registry.set_disabled(name, True))
+    return dump_model(registry.set_disabled(name, True))
 
 
 @blp.route("/v1/governance/models/<name>/enable", methods=["POST"])
@@ -162,4 +167,4 @@ def disable_model(name: str) -> dict[str, Any]:
 @blp.response(200, RegisteredModelSchema)
 def enable_model(name: str) -> dict[str, Any]:
     """Serve this model again"""
-    return _dump(registry.set_disabled(name, False))
+    return dump_model(registry.set_disabled(name, False))
