@@ -213,3 +213,26 @@ def test_policy_edit_needs_write_and_valid_json(client, world):
     assert ok.status_code == 302
     page = html.unescape(client.get("/console/policies").get_data(as_text=True))
     assert "version 1" in page and '"max_tokens": 64' in page
+
+
+def test_an_expired_access_token_is_renewed_with_the_refresh_token(app, client, world):
+    """A password session outlives its 15-minute access token: the single-use refresh token is
+    rotated, and the renewed session works. The expired token is made, not waited for."""
+    from datetime import timedelta
+
+    from flask_jwt_extended import create_access_token, decode_token
+
+    login(client, "alice")
+    with client.session_transaction("/console/keys") as session:
+        refresh = session["refresh"]
+        with app.app_context():
+            claims = decode_token(session["access"])
+            extra = {k: claims[k] for k in ("tenant", "scopes", "kind", "key_id", "user_id", "rjti", "rexp")}
+            session["access"] = create_access_token(
+                claims["sub"], additional_claims=extra, expires_delta=timedelta(seconds=-1)
+            )
+    assert client.get("/console/keys").status_code == 200
+    with client.session_transaction("/console/keys") as session:
+        assert session["refresh"] != refresh
+    used = client.post("/v1/auth/refresh", headers={"Authorization": f"Bearer {refresh}"})
+    assert used.status_code == 401 and used.get_json()["error"]["code"] == "token_revoked"

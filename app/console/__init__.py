@@ -61,8 +61,8 @@ bp = Blueprint(
 
 
 class ConsoleSessionInterface(SecureCookieSessionInterface):
-    """Flask's signed cookie, marked Secure whenever the request itself came over https (behind a
-    TLS proxy, with ProxyFix), so a plain-http development server still works."""
+    """Flask's signed cookie, marked Secure whenever the request itself came over https, so a
+    plain-http development server still works (a Secure cookie would never come back to it)."""
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return request.is_secure or super().get_cookie_secure(app)
