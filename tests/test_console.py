@@ -236,3 +236,14 @@ def test_an_expired_access_token_is_renewed_with_the_refresh_token(app, client, 
         assert session["refresh"] != refresh
     used = client.post("/v1/auth/refresh", headers={"Authorization": f"Bearer {refresh}"})
     assert used.status_code == 401 and used.get_json()["error"]["code"] == "token_revoked"
+
+
+def test_scripts_get_the_api_error_shape_and_browsers_a_page(client, world):
+    """A client asking for JSON (or sending it) gets the gateway's one error shape; a browser a page."""
+    scripted = client.get("/console/keys", headers={"Accept": "application/json"})
+    assert scripted.status_code == 401
+    assert set(scripted.get_json()) == {"error", "request_id"}
+    assert set(scripted.get_json()["error"]) == {"message", "type", "param", "code"}
+    big = client.post("/console/keys", data={"name": "x" * (2 * 1024 * 1024)})
+    assert big.status_code == 413 and big.mimetype == "text/html"
+    assert "413" in big.get_data(as_text=True)

@@ -78,6 +78,7 @@ def csrf_token() -> str:
 @bp.before_request
 def check_csrf() -> None:
     if request.method == "POST":
+        request.get_data(cache=True)  # a body over MAX_CONTENT_LENGTH is a 413, whatever its type
         expected = session.get(CSRF_FIELD)
         sent = request.form.get(CSRF_FIELD, "")
         if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
@@ -146,7 +147,17 @@ def page(*scopes: str) -> Callable[[F], F]:
     return decorator
 
 
+def _wants_json() -> bool:
+    """A script (a JSON body, or an Accept preferring JSON) gets the API's error shape; a browser
+    gets a page."""
+    accepted = request.accept_mimetypes
+    prefers_json = accepted.best_match(["text/html", "application/json"]) == "application/json"
+    return request.is_json or (bool(accepted) and prefers_json)
+
+
 def _error_page(status: int, message: str, code: str | None) -> Response | tuple[str, int]:
+    if _wants_json():
+        return APIError(status, message, code=code).response()
     if status == 401:
         session.pop("access", None)
         session.pop("refresh", None)
