@@ -20,6 +20,21 @@ PASSWORD = "correct horse battery staple"
 GOV_RW = [sc.GOVERNANCE_READ, sc.GOVERNANCE_WRITE, sc.INFERENCE_INVOKE, sc.MODELS_READ]
 
 
+CATALOGUE = """
+models:
+  - name: sentiment
+    backend: vader
+"""
+
+
+@pytest.fixture
+def app_env(tmp_path) -> dict[str, str]:
+    """One small real model, so the registry has something to show and nothing heavy loads."""
+    path = tmp_path / "models.yaml"
+    path.write_text(CATALOGUE)
+    return {"MODELS_CONFIG": str(path), "MODELS_DIR": str(tmp_path), "REGISTRY_POLL": "0"}
+
+
 @dataclass
 class World:
     a_tenant: str
@@ -115,7 +130,7 @@ def test_read_only_user_sees_keys_but_cannot_revoke_or_issue(app, client, world)
     assert client.post("/console/keys", data={"csrf_token": token, "name": "x"}).status_code == 403
     assert key_row(app, world.a_key_id).revoked_at is None
     # the registry is the platform admin's, as in the API
-    assert client.post("/console/models/vader/promote", data={"csrf_token": token}).status_code == 403
+    assert client.post("/console/models/sentiment/promote", data={"csrf_token": token}).status_code == 403
 
 
 def test_issue_shows_the_secret_once_and_revoke_is_audited(app, client, world):
@@ -247,3 +262,28 @@ def test_scripts_get_the_api_error_shape_and_browsers_a_page(client, world):
     big = client.post("/console/keys", data={"name": "x" * (2 * 1024 * 1024)})
     assert big.status_code == 413 and big.mimetype == "text/html"
     assert "413" in big.get_data(as_text=True)
+
+
+def test_admin_sets_canary_traffic_and_rolls_back(client, world):
+    admin = {"Authorization": f"Bearer {world.admin_key}"}
+    added = client.post(
+        "/v1/governance/models/sentiment/versions", json={"version": "2", "backend": "vader"}, headers=admin
+    )
+    assert added.status_code == 201
+    token = login(client, api_key=world.admin_key)
+    base = "/console/models/sentiment"
+    bad = client.post(
+        base + "/traffic", data={"csrf_token": token, "canary_version": "2", "canary_weight": "150"}
+    )
+    assert bad.status_code == 400 and "canary_weight" in bad.get_data(as_text=True)
+    ok = client.post(
+        base + "/traffic", data={"csrf_token": token, "canary_version": "2", "canary_weight": "25"}
+    )
+    assert ok.status_code == 302
+    state = client.get("/v1/governance/models/sentiment", headers=admin).get_json()
+    assert (state["canary_version"], state["canary_weight"]) == ("2", 25.0)
+    assert client.post(base + "/rollback", data={"csrf_token": token}).status_code == 302
+    state = client.get("/v1/governance/models/sentiment", headers=admin).get_json()
+    assert (state["active_version"], state["canary_version"]) == ("1", None)
+    nothing = client.post(base + "/promote", data={"csrf_token": token})
+    assert nothing.status_code == 409 and "no canary" in nothing.get_data(as_text=True)

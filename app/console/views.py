@@ -31,9 +31,9 @@ KEYS_PER_PAGE = 100
 
 
 def load(schema: ma.Schema, data: dict[str, Any]) -> dict[str, Any]:
-    """Validate form or query fields with the API's schema; empty inputs count as absent."""
+    """Validate form or query fields with the API's schema; an empty input counts as absent."""
     try:
-        return schema.load({k: v for k, v in data.items() if v not in ("", None, [])})
+        return schema.load({k: v for k, v in data.items() if v not in ("", [])})
     except ma.ValidationError as exc:
         first = flatten_messages(exc.messages)[0]
         text = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
@@ -64,7 +64,7 @@ def login() -> Response | str | tuple[str, int]:
             pair = password_grant({"username": form.get("username"), "password": form.get("password")})
         start_session(pair)
     except APIError as exc:
-        status = 429 if exc.status == 429 else 401
+        status = 401 if exc.status in (400, 401) else exc.status  # 429, 503 keep theirs
         return render_template("console/login.html", error=exc.message, username=form.get("username")), status
     return redirect(url_for("console.usage"))
 
@@ -166,8 +166,12 @@ def models() -> str:
 @bp.post("/models/<name>/traffic")
 @page(sc.ADMIN)
 def model_traffic(name: str) -> Response:
-    data = load(TrafficSchema(), {"canary_weight": request.form.get("canary_weight", "")})
-    model = registry.set_canary(name, request.form.get("canary_version") or None, data["canary_weight"])
+    fields = {
+        "canary_version": request.form.get("canary_version") or None,
+        "canary_weight": request.form.get("canary_weight", ""),
+    }
+    data = load(TrafficSchema(), fields)
+    model = registry.set_canary(name, data["canary_version"], data["canary_weight"])
     flash(f"{model.name}: canary weight is {model.canary_weight:g}%.")
     return redirect(url_for("console.models"))
 
