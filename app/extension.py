@@ -36,7 +36,7 @@ from werkzeug.exceptions import HTTPException
 
 from config import load_config
 
-OUR_BLUEPRINTS = frozenset({"health", "inference", "governance", "docs_assets"})
+OUR_BLUEPRINTS = frozenset({"health", "inference", "governance", "docs_assets", "console"})
 ErrorScope = Literal["gateway", "app"]
 Handler = Callable[[Any], Any]
 
@@ -188,6 +188,7 @@ def _register_extensions(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask, url_prefix: str) -> None:
+    from app.console import bp as console
     from app.extensions import api
     from app.governance import blp as governance
     from app.health import blp as health
@@ -195,6 +196,7 @@ def _register_blueprints(app: Flask, url_prefix: str) -> None:
 
     for blueprint in (health, inference, governance):
         api.register_blueprint(blueprint, url_prefix=url_prefix or None)
+    app.register_blueprint(console, url_prefix=f"{url_prefix}/console")
 
 
 def _register_commands(app: Flask) -> None:

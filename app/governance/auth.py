@@ -121,7 +121,7 @@ def _requested_scopes(form: dict[str, Any], held: frozenset[str]) -> frozenset[s
     return requested
 
 
-def _password_grant(form: dict[str, Any]) -> dict[str, Any]:
+def password_grant(form: dict[str, Any]) -> dict[str, Any]:
     if not form.get("username") or not form.get("password"):
         raise oauth_error("invalid_request", "The password grant needs username and password.")
     user = authenticate_user(form["username"], form["password"])
@@ -136,7 +136,7 @@ def _password_grant(form: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _client_credentials_grant(form: dict[str, Any]) -> dict[str, Any]:
+def client_credentials_grant(form: dict[str, Any]) -> dict[str, Any]:
     basic = request.authorization if request.authorization and request.authorization.type == "basic" else None
     if basic and (form.get("client_id") or form.get("client_secret")):
         raise oauth_error(
@@ -174,7 +174,7 @@ def issue_token(form: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, st
     client_secret the full key. Errors carry the RFC 6749 code in `error.code`.
     """
     limits.check_token_endpoint()
-    body = _password_grant(form) if form["grant_type"] == "password" else _client_credentials_grant(form)
+    body = password_grant(form) if form["grant_type"] == "password" else client_credentials_grant(form)
     return body, 200, NO_STORE
 
 

@@ -56,6 +56,12 @@ def create_key(data: dict[str, Any]) -> dict[str, Any]:
     The response is the only time the full key is shown. In the caller's own tenant the key
     belongs to the calling user (or to the user owning the calling key).
     """
+    return issue_for_caller(data)
+
+
+def issue_for_caller(data: dict[str, Any]) -> dict[str, Any]:
+    """Issue a key as the caller may (scopes it can grant, its tenant unless admin), for loaded
+    `ApiKeySchema` data; the result holds the full key (the API and the console)."""
     principal = current_principal()
     tenant = target_tenant(data.get("tenant_id"))
     scopes = data.get("scopes")

@@ -66,6 +66,11 @@ def usage_report(args: dict[str, Any]) -> dict[str, Any]:
     Requests, tokens in and out, errors and p50/p95 latency of inference calls. A platform admin
     sees every tenant (or the one named); anyone else sees their own tenant.
     """
+    return usage_for(args)
+
+
+def usage_for(args: dict[str, Any]) -> dict[str, Any]:
+    """The caller's usage report for loaded `UsageArgsSchema` args (the API and the console)."""
     tenant_id = tenant_scope(args.get("tenant_id"))
     # Echoed in UTC like every timestamp the gateway writes, whatever offset the caller used.
     since = as_utc(args["since"]) if args.get("since") else utcnow() - DEFAULT_WINDOW

@@ -53,17 +53,21 @@ class Principal:
 
 
 @tracing.step("auth")
-def authenticate() -> Principal:
-    """The caller's Principal, once per request; also sets `g.principal` and `g.tenant`."""
+def authenticate(credential: str | None = None) -> Principal:
+    """The caller's Principal, once per request; also sets `g.principal` and `g.tenant`.
+
+    `credential` is for callers that hold the bearer credential elsewhere than in the
+    Authorization header (the console keeps it in its session); it goes through the same checks.
+    """
     principal = g.get("principal")
     if principal is not None:
         return principal
-    token = _bearer_token()
+    token = credential if credential is not None else _bearer_token()
     if looks_like_key(token):
         principal = _from_api_key(token)  # syncs the cache itself, after the failure throttle's check
     elif token.count(".") == 2:
         cache().sync()
-        principal = _from_jwt()
+        principal = _from_jwt(token if credential is not None else None)
     else:
         raise unauthorized("The bearer token is neither an API key (gw-...) nor a JWT.", "invalid_token")
     settings = tenant_settings(principal.tenant_id)
@@ -96,15 +100,7 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
     def decorator(fn: F) -> F:
         @wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            principal = authenticate()
-            if not principal.has_scopes(*scopes):
-                raise APIError(
-                    403,
-                    f"This operation requires the scope(s) {needed}; the credential has "
-                    f"{' '.join(sorted(principal.scopes)) or 'none'}.",
-                    code="insufficient_scope",
-                    headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{needed}"'},
-                )
+            check_scopes(authenticate(), scopes)
             limits.check()
             return fn(*args, **kwargs)
 
@@ -119,6 +115,19 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
         return documented(wrapper)  # type: ignore[return-value]
 
     return decorator
+
+
+def check_scopes(principal: Principal, scopes: tuple[str, ...]) -> None:
+    """403 `insufficient_scope` unless the principal holds every scope (admin holds all)."""
+    if not principal.has_scopes(*scopes):
+        needed = " ".join(scopes)
+        raise APIError(
+            403,
+            f"This operation requires the scope(s) {needed}; the credential has "
+            f"{' '.join(sorted(principal.scopes)) or 'none'}.",
+            code="insufficient_scope",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{needed}"'},
+        )
 
 
 def _in_tenant(principal: Principal, *, platform: bool) -> Principal:
@@ -157,8 +166,8 @@ def _from_api_key(token: str) -> Principal:
     )
 
 
-def _from_jwt() -> Principal:
-    claims = tokens.verified_claims()
+def _from_jwt(token: str | None = None) -> Principal:
+    claims = tokens.verified_claims(token=token)
     kind = claims["kind"]
     credential_id = claims.get("key_id") if kind == "api_key" else claims.get("user_id")
     if kind not in ("user", "api_key") or not credential_id:

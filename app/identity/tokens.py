@@ -30,9 +30,11 @@ from flask_jwt_extended import (
     create_refresh_token,
     decode_token,
     get_jwt,
+    get_unverified_jwt_headers,
     verify_jwt_in_request,
 )
 from flask_jwt_extended.exceptions import JWTExtendedException, NoAuthorizationError, RevokedTokenError
+from flask_jwt_extended.internal_utils import verify_token_not_blocklisted, verify_token_type
 from jwt.exceptions import ExpiredSignatureError, InvalidTokenError
 from redis import Redis
 from redis.exceptions import RedisError
@@ -124,14 +126,23 @@ def unauthorized(message: str, code: str, rfc_error: str = "invalid_token") -> A
     return APIError(401, message, code=code, headers={"WWW-Authenticate": challenge})
 
 
-def verified_claims(*, refresh: bool | None = False) -> dict[str, Any]:
+def verified_claims(*, refresh: bool | None = False, token: str | None = None) -> dict[str, Any]:
     """Verify the request's bearer JWT (signature, expiry, type, blocklist) and return its claims.
 
-    `refresh=None` accepts either type. Every failure is an APIError 401 in our shape, so callers
-    outside a view (the inference service) get one exception type.
+    `refresh=None` accepts either type. `token` verifies that JWT instead of the request's header
+    (the console's session holds its tokens), by the same steps flask-jwt-extended takes for a
+    header. Every failure is an APIError 401 in our shape, so callers outside a view (the
+    inference service) get one exception type.
     """
     try:
-        verify_jwt_in_request(refresh=bool(refresh), verify_type=refresh is not None)
+        if token is None:
+            verify_jwt_in_request(refresh=bool(refresh), verify_type=refresh is not None)
+            claims = get_jwt()
+        else:
+            claims = decode_token(token)
+            if refresh is not None:
+                verify_token_type(claims, bool(refresh))
+            verify_token_not_blocklisted(get_unverified_jwt_headers(token), claims)
     except NoAuthorizationError:
         raise unauthorized(MISSING_MESSAGE, "missing_token") from None
     except ExpiredSignatureError:
@@ -140,7 +151,6 @@ def verified_claims(*, refresh: bool | None = False) -> dict[str, Any]:
         raise unauthorized("The token has been revoked.", "token_revoked") from None
     except (InvalidTokenError, JWTExtendedException) as exc:
         raise unauthorized(f"Invalid token: {exc}", "invalid_token") from None
-    claims = get_jwt()
     if any(name not in claims for name in REQUIRED_CLAIMS) or not isinstance(claims["scopes"], list):
         raise unauthorized("Invalid token: it lacks the gateway's claims.", "invalid_token")
     return claims

@@ -1,7 +1,7 @@
 """Which requests are audited, and what the request path adds to their records.
 
 Every request to the inference blueprint (but its two unauthenticated health probes) and every
-POST/PUT/PATCH/DELETE to the governance blueprint (token endpoints included) gets exactly one
+POST/PUT/PATCH/DELETE to the governance blueprint (token endpoints included) or the console gets exactly one
 record. It is submitted by `response.call_on_close`, i.e. once the response is fully sent; for an
 SSE stream that is after its last byte and after the stream's `on_finish`, so tokens, output and
 status noted there are final.
@@ -41,6 +41,8 @@ NOTE_FIELDS = frozenset(
 )
 UNAUDITED_ENDPOINTS = frozenset({"inference.v2_live", "inference.v2_ready"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# The console's forms change what the governance API changes, so they are audited alike.
+ADMIN_BLUEPRINTS = frozenset({"governance", "console"})
 
 
 @dataclass
@@ -88,7 +90,7 @@ def admit() -> None:
 def _kind() -> str | None:
     if request.blueprint == "inference" and request.endpoint not in UNAUDITED_ENDPOINTS:
         return "inference"
-    if request.blueprint == "governance" and request.method in WRITE_METHODS:
+    if request.blueprint in ADMIN_BLUEPRINTS and request.method in WRITE_METHODS:
         return "admin"
     return None
 

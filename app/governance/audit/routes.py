@@ -140,6 +140,11 @@ def list_audit(args: dict[str, Any]) -> dict[str, Any]:
     Filters combine with AND. Pages follow the records' insertion order (a keyset on the row id),
     so a page never shifts while new records are written.
     """
+    return audit_page(args)
+
+
+def audit_page(args: dict[str, Any]) -> dict[str, Any]:
+    """One page of the records the caller may read, for loaded `AuditPageArgsSchema` args."""
     stmt = filtered(args)
     if args.get("cursor"):
         stmt = stmt.where(AuditRecord.id > _decode_cursor(args["cursor"]))
@@ -219,6 +224,11 @@ def verify_audit(args: dict[str, Any]) -> dict[str, Any]:
     A platform admin checks every chain (or one tenant's); anyone else checks their tenant's.
     `ok` is false when a chain is broken, and `broken` names the first broken link of each.
     """
-    tenant_id = tenant_scope(args.get("tenant_id"))
+    return verify_for(args.get("tenant_id"))
+
+
+def verify_for(requested_tenant: str | None) -> dict[str, Any]:
+    """Verify the chains the caller may read: an admin's all (or one tenant's), else its own."""
+    tenant_id = tenant_scope(requested_tenant)
     with db.engine.connect() as conn:
         return verify(conn, all_chains(conn) if tenant_id is None else [tenant_id])

@@ -94,7 +94,12 @@ def get_policy(args: dict[str, Any]) -> dict[str, Any]:
     The tenant's latest version, else the platform default's latest, else the built-in
     permissive policy (version null).
     """
-    return _view(store.effective_row(db.session, _scope(args.get("tenant_id"))))
+    return effective_policy(args.get("tenant_id"))
+
+
+def effective_policy(tenant_id: str | None) -> dict[str, Any]:
+    """The policy in force for the caller's tenant (admin: the one named); API and console."""
+    return _view(store.effective_row(db.session, _scope(tenant_id)))
 
 
 @blp.route("/v1/governance/policies", methods=["PUT"])
@@ -107,6 +112,11 @@ def put_policy(data: dict[str, Any]) -> dict[str, Any]:
     The rules are a complete document: omitted fields take the built-in defaults (all models,
     no caps, every detector "allow"). Applies on every worker from its next request.
     """
+    return set_policy(data)
+
+
+def set_policy(data: dict[str, Any]) -> dict[str, Any]:
+    """Append a policy version for loaded `PolicyWriteSchema` data (the API and the console)."""
     scope = _scope(data.get("tenant_id"))
     return _view(store.create_version(scope, data["rules"], current_principal().subject))
 

@@ -91,7 +91,7 @@ class TrafficSchema(ma.Schema):
     )
 
 
-def _dump(model: RegisteredModel) -> dict[str, Any]:
+def dump_model(model: RegisteredModel) -> dict[str, Any]:
     by_id = {v.id: v.version for v in model.versions}
     return {
         "name": model.name,
@@ -116,8 +116,13 @@ def _actor() -> str:
 @blp.response(200, RegisteredModelListSchema)
 def list_registered_models() -> dict[str, Any]:
     """List registered models with their versions and traffic"""
+    return {"data": all_models()}
+
+
+def all_models() -> list[dict[str, Any]]:
+    """Every registered model as the API shows it (the API and the console)."""
     models = db.session.scalars(select(RegisteredModel).order_by(RegisteredModel.name)).all()
-    return {"data": [_dump(m) for m in models]}
+    return [dump_model(m) for m in models]
 
 
 @blp.route("/v1/governance/models", methods=["POST"])
@@ -126,7 +131,7 @@ def list_registered_models() -> dict[str, Any]:
 @blp.response(201, RegisteredModelSchema)
 def register_model(data: dict[str, Any]) -> dict[str, Any]:
     """Register a model name (and aliases); add versions next"""
-    return _dump(registry.create_model(data, _actor()))
+    return dump_model(registry.create_model(data, _actor()))
 
 
 @blp.route("/v1/governance/models/<name>")
@@ -134,7 +139,7 @@ def register_model(data: dict[str, Any]) -> dict[str, Any]:
 @blp.response(200, RegisteredModelSchema)
 def get_registered_model(name: str) -> dict[str, Any]:
     """One model: versions, traffic, status"""
-    return _dump(registry.get_model(name))
+    return dump_model(registry.get_model(name))
 
 
 @blp.route("/v1/governance/models/<name>/versions", methods=["POST"])
@@ -156,7 +161,7 @@ def add_model_version(data: dict[str, Any], name: str) -> Any:
 @blp.response(200, RegisteredModelSchema)
 def set_model_traffic(data: dict[str, Any], name: str) -> dict[str, Any]:
     """Send a share of callers to a canary version (sticky per tenant and user)"""
-    return _dump(registry.set_canary(name, data["canary_version"], data["canary_weight"]))
+    return dump_model(registry.set_canary(name, data["canary_version"], data["canary_weight"]))
 
 
 @blp.route("/v1/governance/models/<name>/promote", methods=["POST"])
@@ -164,7 +169,7 @@ def set_model_traffic(data: dict[str, Any], name: str) -> dict[str, Any]:
 @blp.response(200, RegisteredModelSchema)
 def promote_model_canary(name: str) -> dict[str, Any]:
     """Make the canary the active version; the old one stays loaded for rollback"""
-    return _dump(registry.promote(name))
+    return dump_model(registry.promote(name))
 
 
 @blp.route("/v1/governance/models/<name>/rollback", methods=["POST"])
@@ -179,7 +184,7 @@ def rollback_model(name: str) -> dict[str, Any]:
     never a return to the version just retired (the rollback target is kept loaded on every
     worker so the switch is instant, and a retired version comes back only as a new version).
     """
-    return _dump(registry.rollback(name))
+    return dump_model(registry.rollback(name))
 
 
 @blp.route("/v1/governance/models/<name>/disable", methods=["POST"])
@@ -187,7 +192,7 @@ def rollback_model(name: str) -> dict[str, Any]:
 @blp.response(200, RegisteredModelSchema)
 def disable_model(name: str) -> dict[str, Any]:
     """Refuse requests for this model (403 model_disabled) until enabled"""
-    return _dump(registry.set_disabled(name, True))
+    return dump_model(registry.set_disabled(name, True))
 
 
 @blp.route("/v1/governance/models/<name>/enable", methods=["POST"])
@@ -195,4 +200,4 @@ def disable_model(name: str) -> dict[str, Any]:
 @blp.response(200, RegisteredModelSchema)
 def enable_model(name: str) -> dict[str, Any]:
     """Serve this model again"""
-    return _dump(registry.set_disabled(name, False))
+    return dump_model(registry.set_disabled(name, False))
