@@ -84,6 +84,11 @@ def test_the_gateway_answers_under_its_prefix_in_its_shape(shop, database_url):
     )
     assert "swagger" in client.get("/ai/docs").get_data(as_text=True).lower()
     assert client.get("/ai/docs/assets/swagger-ui/swagger-ui-bundle.js").status_code == 200
+    # The console lives under the prefix with its own cookie; the host's session cookie is its own.
+    login = client.get("/ai/console/login")
+    assert login.status_code == 200 and "csrf" in login.get_data(as_text=True).lower()
+    assert client.get_cookie("gw_console", path="/ai/console") is not None
+    assert client.get_cookie("session") is None
 
 
 def test_the_custom_backend_answers_through_chat_completions(shop, database_url):

@@ -32,9 +32,21 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import structlog
-from flask import Blueprint, Flask, Response, flash, g, redirect, render_template, request, session, url_for
+from flask import (
+    Blueprint,
+    Flask,
+    Request,
+    Response,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask.blueprints import BlueprintSetupState
-from flask.sessions import SecureCookieSessionInterface
+from flask.sessions import SecureCookieSessionInterface, SessionInterface, SessionMixin
 from werkzeug.exceptions import HTTPException
 
 from app.errors import APIError
@@ -61,8 +73,39 @@ bp = Blueprint(
 
 
 class ConsoleSessionInterface(SecureCookieSessionInterface):
-    """Flask's signed cookie, marked Secure whenever the request itself came over https, so a
-    plain-http development server still works (a Secure cookie would never come back to it)."""
+    """The console's own signed cookie (`gw_console`: Strict, HttpOnly, path of the console,
+    Secure whenever the request itself came over https, so a plain-http development server still
+    works), for console requests only. Flask has one session interface per app, and the gateway
+    may be mounted on a host app with sessions of its own: every other request goes to the
+    interface the app had, with the host's cookie settings untouched."""
+
+    def __init__(self, host: SessionInterface, path: str) -> None:
+        self.host = host
+        self.path = path
+
+    def _ours(self, path: str) -> bool:
+        return path == self.path or path.startswith(self.path + "/")
+
+    def open_session(self, app: Flask, req: Request) -> SessionMixin | None:
+        return super().open_session(app, req) if self._ours(req.path) else self.host.open_session(app, req)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        if self._ours(request.path):
+            super().save_session(app, session, response)  # type: ignore[arg-type]
+        else:
+            self.host.save_session(app, session, response)
+
+    def get_cookie_name(self, app: Flask) -> str:
+        return "gw_console"
+
+    def get_cookie_path(self, app: Flask) -> str:
+        return self.path
+
+    def get_cookie_samesite(self, app: Flask) -> str:
+        return "Strict"
+
+    def get_cookie_httponly(self, app: Flask) -> bool:
+        return True
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return request.is_secure or super().get_cookie_secure(app)
@@ -194,11 +237,7 @@ bp.add_app_template_global(csrf_token, "csrf_token")
 def _configure_session(state: BlueprintSetupState) -> None:
     """The session cookie belongs to the console alone: Strict, HttpOnly, path `/console`."""
     app: Flask = state.app
-    app.session_interface = ConsoleSessionInterface()
-    app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
-    app.config["SESSION_COOKIE_HTTPONLY"] = True
-    app.config["SESSION_COOKIE_PATH"] = "/console"
-    app.config["SESSION_COOKIE_NAME"] = "gw_console"
+    app.session_interface = ConsoleSessionInterface(app.session_interface, state.url_prefix or "/console")
 
 
 from app.console import views  # noqa: E402, F401  (registers the pages on `bp`)
