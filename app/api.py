@@ -61,10 +61,21 @@ class GatewayBlueprint(Blueprint):
         return super().arguments(instance, *args, **kwargs)
 
 
+def custom_field_schema(converter: Any, field: ma.fields.Field, **kwargs: Any) -> dict[str, Any]:
+    """A custom field documents its own JSON Schema through `_jsonschema_type_mapping()` (OpenAI's
+    `input`: a string or a list of strings); without this apispec documents it as anything."""
+    mapping = getattr(field, "_jsonschema_type_mapping", None)
+    return mapping() if callable(mapping) else {}
+
+
 class GatewayApi(Api):
     """Api whose HTTP errors, and their documentation, use the gateway's one error shape."""
 
     ERROR_SCHEMA = ErrorResponseSchema
+
+    def _init_spec(self, *args: Any, **kwargs: Any) -> None:
+        super()._init_spec(*args, **kwargs)
+        self.ma_plugin.converter.add_attribute_function(custom_field_schema)
 
     def handle_http_exception(self, error: HTTPException) -> flask.Response:  # type: ignore[override]
         return handle_http_exception(error)

@@ -160,10 +160,37 @@ def handle_api_error(error: APIError) -> Response:
     return error.response()
 
 
+def _store_unavailable(error: Exception) -> str | None:
+    """Which store a connection-level failure came from, if it is one: the database or Redis
+    being down is an outage the client should retry (503), not a bug of ours (500)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(error, OperationalError | InterfaceError) or (
+        isinstance(error, DBAPIError) and error.connection_invalidated
+    ):
+        return "database"
+    if isinstance(error, RedisConnectionError | RedisTimeoutError):
+        return "redis"
+    return None
+
+
 def handle_unexpected(error: Exception) -> Response:
-    """A bug: log the traceback, answer 500 without it."""
+    """A bug: log the traceback, answer 500 without it. A store that is down: 503, retry."""
     if isinstance(error, HTTPException):
         return handle_http_exception(error)
+    store = _store_unavailable(error)
+    if store is not None:
+        log.warning(
+            "store_unavailable", store=store, error_class=type(error).__name__, error=str(error)[:200]
+        )
+        return APIError(
+            503,
+            f"The {store} is unavailable; retry shortly.",
+            code=f"{store}_unavailable",
+            headers={"Retry-After": "1"},
+        ).response()
     log.exception("unhandled_exception", error_class=type(error).__name__)
     return APIError(500, "The server had an internal error; quote the request_id to the operator.").response()
 

@@ -47,6 +47,18 @@ def app(app: Flask) -> Flask:
     def crash():
         raise RuntimeError("secret internal detail")
 
+    @blp.route("/_test/database-down")
+    def database_down():
+        from sqlalchemy.exc import OperationalError
+
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    @blp.route("/_test/redis-down")
+    def redis_down():
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
     from app.extensions import api
 
     api.register_blueprint(blp)
@@ -98,6 +110,18 @@ def test_internal_error_is_500_without_traceback(client):
     body = assert_error(resp, 500, "internal_error")
     assert "secret internal detail" not in resp.get_data(as_text=True)
     assert body["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "code"), [("database-down", "database_unavailable"), ("redis-down", "redis_unavailable")]
+)
+def test_a_store_that_is_down_is_503_with_retry_after_not_500(client, path, code):
+    """An outage of the database or Redis is the client's cue to retry, not a bug of ours."""
+    resp = client.get(f"/_test/{path}")
+    body = assert_error(resp, 503, code)
+    assert resp.headers["Retry-After"] == "1"
+    assert "connection refused" not in resp.get_data(as_text=True).lower()
+    assert body["error"]["type"] == "service_unavailable"
 
 
 def test_request_id_is_echoed_when_sane_and_replaced_when_not(client):

@@ -42,6 +42,12 @@ BUSINESS_REFUSALS: dict[str, tuple[str, ...]] = {
     # granted only in the platform tenant (400 admin_outside_platform).
     "POST /v1/governance/keys": ("400", "422"),
     "POST /v1/governance/users": ("400",),
+    # What a model serves is its own: `tools` or `logprobs` on a local model are 400
+    # `unsupported_parameter`, and OpenAI's rules across fields (`top_logprobs` needs `logprobs`)
+    # are not JSON Schema.
+    "POST /v1/chat/completions": ("400",),
+    # A version's `params` are checked by its backend's own schema (400 invalid_backend_params).
+    "POST /v1/governance/models/{name}/versions": ("400",),
     # Tensors are checked against the model's own metadata (names, shapes, datatypes).
     "POST /v2/models/{name}/infer": ("400",),
     "POST /v2/models/{name}/versions/{version}/infer": ("400",),

@@ -221,7 +221,16 @@ class ModelCatalogue:
         return self._runtime(traffic, traffic.active)
 
     def _runtime(self, traffic: Traffic, version: str | None) -> ModelRuntime:
-        runtime = self.runtimes.get((traffic.model, version)) if version is not None else None
+        """A model with no version yet is 409 (nothing to serve until one is registered: waiting
+        won't help, so not a 503); a version that is there but did not load is 503."""
+        if version is None:
+            raise APIError(
+                409,
+                f"Model '{traffic.model}' has no active version yet: register one first.",
+                code="no_active_version",
+                param="model",
+            )
+        runtime = self.runtimes.get((traffic.model, version))
         if runtime is None:
             raise APIError(
                 503, f"Model '{traffic.model}' has no usable version to serve.", code="model_not_ready"

@@ -9,7 +9,6 @@ are accepted here and refused per model in the service (`unsupported_parameter`)
 
 from __future__ import annotations
 
-import numbers
 import re
 from typing import Any
 
@@ -17,41 +16,11 @@ import marshmallow as ma
 from marshmallow import validate
 
 from app.errors import UNKNOWN_PARAMETER, APIError
+from app.fields import StrictBoolean, StrictInteger, StrictNumber
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Above any context window; the model's own limit is then checked in the service with a clear 400.
 MAX_TOKENS_BOUND = 1_048_576
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-
-
-class StrictInteger(ma.fields.Integer):
-    """A JSON integer, bounded: no strings, floats or booleans (bool is an int in Python)."""
-
-    def __init__(self, *, minimum: int = INT64_MIN, maximum: int = INT64_MAX, **kwargs: Any) -> None:
-        super().__init__(strict=True, validate=validate.Range(min=minimum, max=maximum), **kwargs)
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ma.ValidationError("Must be an integer.")
-        return int(value)
-
-
-class StrictNumber(ma.fields.Float):
-    """A JSON number: no strings or booleans."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ma.ValidationError("Must be a number.")
-        return super()._deserialize(value, attr, data, **kwargs)
-
-
-class StrictBoolean(ma.fields.Boolean):
-    """A JSON boolean: marshmallow's Boolean takes "yes", "on" and 1 for true."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
-        if not isinstance(value, bool):
-            raise ma.ValidationError("Must be a boolean.")
-        return value
 
 
 class StringOrStrings(ma.fields.Field):

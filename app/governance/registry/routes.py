@@ -12,6 +12,7 @@ import marshmallow as ma
 from sqlalchemy import select
 
 from app.extensions import db
+from app.fields import StrictBoolean
 from app.governance import blp
 from app.governance.registry import service as registry
 from app.governance.registry.models import VERSION_STATUSES, RegisteredModel
@@ -61,7 +62,7 @@ class RegisteredModelSchema(ma.Schema):
         validate=_distinct,
         metadata={"description": "Other names for the model; like names, unique across models."},
     )
-    required = ma.fields.Boolean(
+    required = StrictBoolean(
         load_default=False,
         metadata={
             "description": "The instance is ready (/readyz) only once this model is loaded. "
