@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -597,6 +598,25 @@ def write(out: Path) -> None:
         )
     lines += ["", "## Plots", "", *(f"![{p.stem}]({p.name})" for p in plots), ""]
     (out / "REPORT.md").write_text("\n".join(lines))
+    with_companions(out)
+
+
+COMPANIONS = ("TUNING.md", "TWO_INSTANCES.md", "LIVENESS.md")
+COMPANIONS_HEADING = "## Companion benchmarks"
+
+
+def with_companions(out: Path) -> None:
+    """End REPORT.md with the companion reports (gunicorn tuning, two instances, liveness). Their
+    own scripts run after the main one in `make bench` and call this again, so the section is
+    rewritten each time with whatever companion files exist."""
+    path = out / "REPORT.md"
+    text = path.read_text() if path.exists() else "# Benchmark report\n"
+    parts = [text.split("\n" + COMPANIONS_HEADING)[0].rstrip(), "", COMPANIONS_HEADING, ""]
+    for name in COMPANIONS:
+        if (out / name).exists():
+            body = (out / name).read_text().strip()
+            parts += [re.sub(r"^# ", "### ", body, flags=re.M), ""]
+    path.write_text("\n".join(parts))
 
 
 def _system_info(docs: Mapping[str, Doc]) -> dict[str, Mapping[str, Any]]:

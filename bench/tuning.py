@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import procs, systems
+from bench import procs, report, systems
 from bench.loadgen import Target, run_load
 from bench.run import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL, RESULTS, loop_factory
 from bench.upstream_sim import run_simulator
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({"meta": meta, "rows": rows, "advice": advice}, indent=2)
     )
     (args.out / "TUNING.md").write_text(markdown(rows, advice, meta))
+    report.with_companions(args.out)
     print(markdown(rows, advice, meta))
 
 

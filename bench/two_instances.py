@@ -32,7 +32,7 @@ from typing import Any
 
 import requests
 
-from bench import procs, systems
+from bench import procs, report, systems
 from bench.run import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL, RESULTS
 from bench.upstream_sim import run_simulator
 
@@ -195,6 +195,7 @@ def run(ctx: systems.RunContext, catalogue: Path, out: Path) -> None:
         pair.cleanup()
     (out / "two_instances.json").write_text(json.dumps(result, indent=2))
     (out / "TWO_INSTANCES.md").write_text(markdown(result))
+    report.with_companions(out)
     print(markdown(result))
 
 
