@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run migrate test lint bench bench-quick clean
+.PHONY: install run migrate test lint bench bench-quick fuzz clean
 
 install: $(STAMP)
 
@@ -48,6 +48,13 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.tuning
 	$(PY) -m bench.two_instances
 	$(PY) -m bench.liveness
+	$(MAKE) fuzz
+
+# Schemathesis with a random seed and 100 examples per operation (CI runs a fixed seed and 10);
+# a failure prints its seed, so `FUZZ_SEED=<seed> make fuzz` replays it.
+fuzz: $(STAMP)
+	TEST_REDIS_URL=$${TEST_REDIS_URL:-redis://127.0.0.1:6379/11} FUZZ_SEED=$${FUZZ_SEED:-random} \
+	  FUZZ_MAX_EXAMPLES=$${FUZZ_MAX_EXAMPLES:-100} $(PY) -m pytest tests/test_fuzz.py
 
 # About 2 minutes: a smoke run of the harness (results in bench/results/quick/, not committed).
 bench-quick: $(BENCH_STAMP)
