@@ -105,3 +105,32 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium through Playwright; under CI a missing chromium fails, never skips."""
+    from pathlib import Path
+
+    from tests.browser import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"chromium not found at {CHROMIUM} (.ci/run installs Debian's chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        instance = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def artifacts():
+    """Where browser tests keep their screenshots: TEST_ARTIFACTS_DIR (CI), else a temp folder."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("TEST_ARTIFACTS_DIR") or tempfile.mkdtemp(prefix="gw-artifacts-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

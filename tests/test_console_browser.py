@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from tests.browser import offline_page
 from tests.support import GunicornServer, environ, issue_key
-from tests.test_docs_browser import artifacts, browser  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.server
 
@@ -64,29 +64,6 @@ def server(sqlite_url, redis_url, tmp_path):
         yield srv
 
 
-def offline_page(browser, origin: str):  # noqa: F811  (the fixture passed in)
-    context = browser.new_context()
-    page = context.new_page()
-    refused: list[str] = []
-    scripts: list[str] = []
-    ours = urlsplit(origin).netloc
-
-    def route(r) -> None:
-        if r.request.resource_type == "script":
-            scripts.append(r.request.url)
-        if urlsplit(r.request.url).netloc == ours:
-            r.continue_()
-        else:
-            refused.append(r.request.url)
-            r.abort()
-
-    page.route("**/*", route)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    return context, page, refused, scripts, errors
-
-
 def login(page, origin: str, username: str) -> None:
     answer = page.goto(origin + "/console/login")
     assert "script-src 'self'" in answer.headers["content-security-policy"]
@@ -110,7 +87,7 @@ def wait_for_usage(origin: str, key: str, requests_expected: int) -> None:
     raise AssertionError("the usage report never counted the requests")
 
 
-def test_usage_chart_audit_and_keys(browser, server, sqlite_url, artifacts):  # noqa: F811
+def test_usage_chart_audit_and_keys(browser, server, sqlite_url, artifacts):
     invoke = issue_key(sqlite_url, "acme", ("inference:invoke", "governance:read"))
     for _ in range(INFERENCES):
         resp = requests.post(
@@ -167,7 +144,7 @@ def test_usage_chart_audit_and_keys(browser, server, sqlite_url, artifacts):  # 
     assert errors == [], errors
 
 
-def test_platform_admin_promotes_a_canary(browser, server, sqlite_url, artifacts):  # noqa: F811
+def test_platform_admin_promotes_a_canary(browser, server, sqlite_url, artifacts):
     admin_key = {"Authorization": f"Bearer {issue_key(sqlite_url, 'platform', ('admin',))}"}
     base = server.url + "/v1/governance/models/sentiment"
     resp = requests.post(base + "/versions", json={"version": "2", "backend": "vader"}, headers=admin_key)

@@ -6,41 +6,13 @@ Screenshots are kept in TEST_ARTIFACTS_DIR (default: a temp folder, printed on f
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-from urllib.parse import urlsplit
-
 import pytest
 import requests
 
+from tests.browser import offline_page
 from tests.support import GunicornServer, issue_key
 
 pytestmark = pytest.mark.server
-
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"chromium not found at {CHROMIUM} (.ci/run installs Debian's chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def artifacts() -> Path:
-    path = Path(os.environ.get("TEST_ARTIFACTS_DIR") or tempfile.mkdtemp(prefix="gw-artifacts-"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @pytest.fixture
@@ -49,31 +21,10 @@ def server(sqlite_url, redis_url):
         yield srv
 
 
-def _offline_page(browser, origin: str):
-    """A page that can reach only our server: anything else is aborted and remembered."""
-    context = browser.new_context()
-    page = context.new_page()
-    refused: list[str] = []
-    ours = urlsplit(origin).netloc
-
-    def route(r) -> None:
-        if urlsplit(r.request.url).netloc == ours or r.request.url.startswith(("data:", "blob:")):
-            r.continue_()
-        else:
-            refused.append(r.request.url)
-            r.abort()
-
-    page.route("**/*", route)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    return context, page, refused, errors
-
-
 def test_swagger_ui_renders_offline_and_authorize_works(browser, server, sqlite_url, artifacts):
     spec = requests.get(server.url + "/openapi.json", timeout=10).json()
     key = issue_key(sqlite_url)
-    context, page, refused, errors = _offline_page(browser, server.url)
+    context, page, refused, _, errors = offline_page(browser, server.url)
     try:
         page.goto(server.url + "/docs", wait_until="networkidle")
         page.wait_for_selector(".opblock", timeout=30_000)
@@ -112,7 +63,7 @@ def test_swagger_ui_renders_offline_and_authorize_works(browser, server, sqlite_
 
 def test_redoc_renders_offline(browser, server, artifacts):
     spec = requests.get(server.url + "/openapi.json", timeout=10).json()
-    context, page, refused, errors = _offline_page(browser, server.url)
+    context, page, refused, _, errors = offline_page(browser, server.url)
     try:
         answer = page.goto(server.url + "/redoc", wait_until="networkidle")
         assert "default-src 'self'" in answer.headers["content-security-policy"]
