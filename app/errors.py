@@ -160,6 +160,16 @@ def handle_api_error(error: APIError) -> Response:
     return error.response()
 
 
+def rate_limit_unavailable() -> APIError:
+    """Rate limiting's Redis is down and RATELIMIT_FAIL_OPEN is false: refuse, with our 503."""
+    return APIError(
+        503,
+        "Rate limiting is unavailable, and this gateway is configured to fail closed; retry shortly.",
+        code="rate_limit_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 def _store_unavailable(error: Exception) -> str | None:
     """Which store a connection-level failure came from, if it is one: the database or Redis
     being down is an outage the client should retry (503), not a bug of ours (500)."""

@@ -56,7 +56,7 @@ from flask import current_app, has_request_context, request
 from limits import RateLimitItem, parse
 from redis.exceptions import RedisError
 
-from app.errors import APIError
+from app.errors import APIError, rate_limit_unavailable
 from app.extensions import limiter
 
 log = structlog.get_logger(__name__)
@@ -191,9 +191,4 @@ def _storage_down(exc: RedisError) -> None:
     if current_app.config["RATELIMIT_FAIL_OPEN"]:
         log.warning("auth_throttle_unavailable", error=str(exc))
         return
-    raise APIError(
-        503,
-        "Rate limiting is unavailable, and this gateway is configured to fail closed; retry shortly.",
-        code="rate_limit_unavailable",
-        headers={"Retry-After": "1"},
-    ) from exc
+    raise rate_limit_unavailable() from exc

@@ -26,7 +26,7 @@ from flask_limiter.util import get_remote_address
 from redis.exceptions import RedisError
 
 from app import tracing
-from app.errors import APIError
+from app.errors import rate_limit_unavailable
 from app.extensions import limiter
 from app.identity.accounts import tenant_settings
 
@@ -96,12 +96,7 @@ def _guarded(enforce: Callable[[], None]) -> None:
     except RedisError as exc:  # reaches here only with RATELIMIT_FAIL_OPEN=false
         # No window to show: without this, flask-limiter's header hook would ask Redis again.
         limiter.context.view_rate_limit = None
-        raise APIError(
-            503,
-            "Rate limiting is unavailable, and this gateway is configured to fail closed; retry shortly.",
-            code="rate_limit_unavailable",
-            headers={"Retry-After": "1"},
-        ) from exc
+        raise rate_limit_unavailable() from exc
 
 
 def _read_header_window() -> None:
