@@ -88,10 +88,14 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Start loading models as soon as the worker (patched, app imported) is up."""
+    """Start loading models as soon as the worker (patched, app imported) is up, and the
+    greenlet sampler if WORKER_STATS_INTERVAL asks for it."""
+    from app import worker_stats
+
     models = getattr(worker.wsgi, "extensions", {}).get("models")
     if models is not None:
         models.start_loading()
+    worker_stats.start_sampling()
 
 
 def child_exit(server, worker):
