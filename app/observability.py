@@ -29,14 +29,18 @@ IN_FLIGHT = Gauge(
 )
 
 
+def valid_request_id(supplied: str | None) -> str | None:
+    """A client's X-Request-ID if it is one we echo (short, no control characters), else None."""
+    return supplied if supplied and _VALID_REQUEST_ID.match(supplied) else None
+
+
 def request_id() -> str | None:
     """The current request's id, creating one if a hook has not run yet (early errors)."""
     if not has_request_context():
         return None
     rid = g.get("request_id")
     if rid is None:
-        supplied = request.headers.get(REQUEST_ID_HEADER)
-        rid = supplied if supplied and _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        rid = valid_request_id(request.headers.get(REQUEST_ID_HEADER)) or uuid.uuid4().hex
         g.request_id = rid
     return rid
 

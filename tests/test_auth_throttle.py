@@ -102,3 +102,38 @@ def test_client_credentials_grant_is_throttled_too(client, hashes):
     ]
     assert statuses == [401] * 5 + [429] * 2
     assert len(hashes) == 5
+
+
+def test_a_known_block_is_refused_in_front_of_the_app(client, hashes):
+    """Once this worker knows a bucket is blocked, the refusal is made before Flask dispatches
+    (no hook, no view, no hash), with the same answer as the app's own, and it is counted."""
+    from app.identity.auth_throttle import REFUSED_EARLY
+
+    app = client.application
+    world = seed(app)
+    forged = f"{world.a_prefix}_{FORGED_SECRET}"
+    for _ in range(5):
+        assert_error(call(client, forged, ATTACKER), 401, "invalid_api_key")
+    in_app = call(client, forged, ATTACKER)  # the app learns the block here
+    in_app_body = assert_error(in_app, 429, "auth_failures_throttled")
+    dispatched: list[str] = []
+    app.before_request_funcs.setdefault(None, []).insert(0, lambda: dispatched.append("request"))
+    before = REFUSED_EARLY._value.get()
+    early = client.get(
+        "/v1/auth/me",
+        headers={**bearer(forged), "X-Request-ID": "flood-probe-1"},
+        environ_base={"REMOTE_ADDR": ATTACKER},
+    )
+    body = assert_error(early, 429, "auth_failures_throttled")
+    assert dispatched == [], "the refusal must not enter Flask's dispatch"
+    assert REFUSED_EARLY._value.get() == before + 1
+    assert body["error"] == in_app_body["error"] | {"message": body["error"]["message"]}
+    assert body["error"]["message"].startswith("Too many failed authentications")
+    assert body["request_id"] == early.headers["X-Request-ID"] == "flood-probe-1"
+    assert 0 < int(early.headers["Retry-After"]) <= 60
+    # A valid key from the blocked address is refused early too (it would cost a hash)...
+    assert_error(call(client, world.a_key, ATTACKER), 429, "auth_failures_throttled")
+    assert dispatched == [] and len(hashes) == 5
+    # ...while the key from another address goes to the app, and is served.
+    assert call(client, world.a_key, OWNER).status_code == 200
+    assert dispatched == ["request"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.identity import cache, cli, models, quota, tokens  # noqa: F401  (models registers the tables)
+from app.identity import auth_throttle, cache, cli, models, quota, tokens  # noqa: F401  (models: tables)
 from app.identity import scopes as sc
 
 
@@ -27,6 +27,7 @@ def oauth2_scheme(url_prefix: str = "") -> dict[str, object]:
 def init_app(app: Flask) -> None:
     """Bound by `create_app` after the extensions: caches, JWT settings and blocklist, quota counters, CLI."""
     cache.init_app(app)
+    auth_throttle.init_app(app)
     tokens.init_app(app)
     quota.init_app(app)
     cli.init_app(app)
