@@ -14,8 +14,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("ours", "twin-httpx", "twin-aiohttp", "litellm", "direct")
-PEERS = ("twin-httpx", "twin-aiohttp", "litellm", "direct")
+# The light twins run auth, rate limit, validation and plain audit rows; the full twins also the
+# PII policy, token quota, hash-chained audit and metrics that ours runs (bench/fastapi_twin).
+SYSTEMS = ("ours", "twin-httpx", "twin-aiohttp", "twin-full-httpx", "twin-full-aiohttp", "litellm", "direct")
+PEERS = ("twin-httpx", "twin-aiohttp", "twin-full-httpx", "twin-full-aiohttp", "litellm", "direct")
 SCENARIO_ORDER = ("overhead", "streams", "fanout", "chain", "saturation", "concurrency250", "profile")
 PROFILE_ROWS = 12
 Doc = Mapping[str, Any]
@@ -135,13 +137,28 @@ def headline(docs: Mapping[str, Doc]) -> list[str]:
             claim,
             *(
                 _cell(docs.get(scenario), s, render)
-                for s in ("ours", "twin-httpx", "twin-aiohttp", "litellm")
+                for s in (
+                    "ours",
+                    "twin-httpx",
+                    "twin-aiohttp",
+                    "twin-full-httpx",
+                    "twin-full-aiohttp",
+                    "litellm",
+                )
             ),
         ]
         for claim, scenario, render in claims
     ]
     return _table(
-        ["seed claim", "ours (Flask+gevent)", "twin (FastAPI+httpx)", "twin (FastAPI+aiohttp)", "LiteLLM"],
+        [
+            "seed claim",
+            "ours (Flask+gevent, fully governed)",
+            "twin (FastAPI+httpx)",
+            "twin (FastAPI+aiohttp)",
+            "feature-equal twin (FastAPI+httpx)",
+            "feature-equal twin (FastAPI+aiohttp)",
+            "LiteLLM",
+        ],
         rows,
     )
 
@@ -634,6 +651,8 @@ COLORS = {
     "ours": "tab:blue",
     "twin-httpx": "tab:orange",
     "twin-aiohttp": "tab:green",
+    "twin-full-httpx": "tab:brown",
+    "twin-full-aiohttp": "tab:olive",
     "litellm": "tab:red",
     "direct": "tab:gray",
 }

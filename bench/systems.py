@@ -39,6 +39,8 @@ VENV_BIN = Path(sys.executable).parent
 LITELLM_VENV = BENCH / ".venv-litellm"
 LITELLM_REQUIREMENT = "litellm[proxy]==1.106.2"
 HIGH_RATE_LIMIT_PER_MINUTE = 100_000_000
+HIGH_TOKEN_QUOTA = 10**15  # never reached: the quota is exercised on every call, never refuses
+PII_DETECTORS = ("email", "phone", "credit_card", "iban", "ssn", "ip_address")
 READY_TIMEOUT_S = 120.0
 # Scenarios that need more than the OpenAI chat route; a system without one says why.
 FANOUT, CHAIN, PROFILE = "fanout", "chain", "profile"
@@ -145,10 +147,12 @@ class Ours(System):
         super().__init__("ours", ctx)
         self.database_url = ""
         self.key = ""
+        self.policy_key = ""
         self.notes = [
             "gunicorn -c gunicorn.conf.py, gevent worker, WEB_CONCURRENCY=1, WORKER_CONNECTIONS=12000",
             "catalogue bench/models.yaml: upstream-chat only, pool_size/max_concurrency 12000",
             "APP_ENV=production, JSON request log to a file",
+            "fully governed: PII policy redacting every detector, a token quota, hash-chained audit",
         ]
 
     def env(self) -> dict[str, str]:
@@ -181,9 +185,29 @@ class Ours(System):
         self.database_url = create_database(self.ctx.postgres_url, f"gwbench_ours_{self.ctx.run_id}")
         self.flask("db", "upgrade")
         limit = f"{HIGH_RATE_LIMIT_PER_MINUTE}/minute"
-        self.flask("tenants", "create", "bench", "--rate-limit", limit, "--key-rate-limit", limit)
+        self.flask(
+            "tenants", "create", "bench", "--rate-limit", limit, "--key-rate-limit", limit,
+            "--token-quota", str(HIGH_TOKEN_QUOTA),
+        )  # fmt: skip
         self.key = issued_key(self.flask("keys", "issue", "bench", "--name", "benchmark"))
+        self.policy_key = issued_key(
+            self.flask("keys", "issue", "bench", "--name", "policy", "--scopes", "governance:write")
+        )
         self.version = procs.run_checked(["git", "rev-parse", "--short", "HEAD"], os.environ, ROOT).strip()
+
+    def govern(self, base_url: str) -> None:
+        """The bench tenant's policy: every PII detector redacts (what the full twin does too)."""
+        import requests
+
+        rules = {"pii": dict.fromkeys(PII_DETECTORS, "redact")}
+        resp = requests.put(
+            base_url + "/v1/governance/policies",
+            json={"rules": rules},
+            headers=bearer(self.policy_key),
+            timeout=30,
+        )
+        if resp.status_code != 201:
+            raise procs.ServerFailed(f"setting the bench policy answered {resp.status_code}: {resp.text}")
 
     @contextlib.contextmanager
     def start(self, scenario: str | None) -> Iterator[Live]:
@@ -195,6 +219,7 @@ class Ours(System):
         server = self._server(scenario or "all", argv, env).start()
         try:
             server.wait_ready(f"http://127.0.0.1:{port}/readyz", READY_TIMEOUT_S)
+            self.govern(f"http://127.0.0.1:{port}")
             yield Live(self.name, f"http://127.0.0.1:{port}", "upstream-chat", bearer(self.key), server.pid)
         finally:
             server.stop()
@@ -217,16 +242,21 @@ def bearer(key: str) -> dict[str, str]:
 
 
 class Twin(System):
-    """The FastAPI twin under uvicorn, with httpx or aiohttp as its upstream client."""
+    """The FastAPI twin under uvicorn, with httpx or aiohttp as its upstream client; `full` turns on
+    the governance ours runs (PII redaction, token quota, hash-chained audit, Prometheus)."""
 
-    def __init__(self, ctx: RunContext, client: str) -> None:
-        super().__init__(f"twin-{client}", ctx)
+    def __init__(self, ctx: RunContext, client: str, full: bool = False) -> None:
+        super().__init__(f"twin-full-{client}" if full else f"twin-{client}", ctx)
         self.client = client
+        self.full = full
         self.database_url = ""
         self.key = ""
         self.notes = [
             f"uvicorn --workers 1 --loop uvloop --http httptools, upstream client {client}",
             "access log on (uvicorn's default), like ours' request log",
+            "feature-equal: PII redaction, token quota, hash-chained audit, Prometheus metrics"
+            if full
+            else "light: auth, rate limit, validation, plain audit rows; no PII policy, quota or metrics",
         ]
 
     def prepare(self) -> None:
@@ -269,6 +299,7 @@ class Twin(System):
             "TWIN_HTTP_CLIENT": self.client,
             "TWIN_DATABASE_URL": self.database_url,
             "TWIN_REDIS_URL": self.ctx.redis_url,
+            "TWIN_FEATURES": "full" if self.full else "light",
         }
         server = self._server(scenario or "all", argv, env).start()
         try:
@@ -372,7 +403,7 @@ class LiteLLM(System):
             server.stop()
 
 
-SYSTEMS = ("direct", "ours", "twin-httpx", "twin-aiohttp", "litellm")
+SYSTEMS = ("direct", "ours", "twin-httpx", "twin-aiohttp", "twin-full-httpx", "twin-full-aiohttp", "litellm")
 
 
 def build(name: str, ctx: RunContext) -> System:
@@ -380,6 +411,8 @@ def build(name: str, ctx: RunContext) -> System:
         return Direct(ctx)
     if name == "ours":
         return Ours(ctx)
+    if name.startswith("twin-full-"):
+        return Twin(ctx, name.removeprefix("twin-full-"), full=True)
     if name.startswith("twin-"):
         return Twin(ctx, name.removeprefix("twin-"))
     if name == "litellm":

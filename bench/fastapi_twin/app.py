@@ -12,13 +12,19 @@ The same steps as ours, in the idiomatic async style and tuned as its authors wo
 - one audit row per call inserted with asyncpg in a ``BackgroundTasks`` task, after the response;
 - ``POST /v1/fanout`` (``asyncio.gather``) and ``POST /bench/chain`` (the seeds' 4-step I/O chain).
 
+That is the light twin. ``TWIN_FEATURES=full`` makes it feature-equal with the gateway's governed
+path: PII redaction, a token quota, a hash-chained audit trail instead of plain rows, and
+Prometheus metrics (``bench/fastapi_twin/governance.py``).
+
 Settings (environment): ``TWIN_UPSTREAM_URL`` (the upstream's ``/v1`` base), ``TWIN_HTTP_CLIENT``,
-``TWIN_DATABASE_URL`` (postgresql://), ``TWIN_REDIS_URL``, ``TWIN_UPSTREAM_TIMEOUT`` (seconds).
+``TWIN_DATABASE_URL`` (postgresql://), ``TWIN_REDIS_URL``, ``TWIN_UPSTREAM_TIMEOUT`` (seconds),
+``TWIN_FEATURES`` (light | full), ``TWIN_TOKEN_QUOTA`` (tokens per tenant and day, full only).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -40,9 +46,10 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from redis.exceptions import RedisError
 
-from bench.fastapi_twin import storage
+from bench.fastapi_twin import governance, storage
 from bench.fastapi_twin.upstream import Upstream, UpstreamError, UpstreamStream, make_upstream
 
+FULL = os.environ.get("TWIN_FEATURES", "light") == "full"
 KEY_CACHE_TTL_S = 60.0
 MAX_INPUT_CHARS = 16_000
 MAX_TOKENS = 4096
@@ -70,6 +77,8 @@ class Settings:
     database_url: str
     redis_url: str
     upstream_timeout_s: float
+    full: bool
+    token_quota: int
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -79,6 +88,8 @@ class Settings:
             database_url=os.environ["TWIN_DATABASE_URL"],
             redis_url=os.environ.get("TWIN_REDIS_URL", "redis://127.0.0.1:6379/0"),
             upstream_timeout_s=float(os.environ.get("TWIN_UPSTREAM_TIMEOUT", "60")),
+            full=FULL,
+            token_quota=int(os.environ.get("TWIN_TOKEN_QUOTA", str(10**15))),
         )
 
 
@@ -188,12 +199,27 @@ class State:
         self.hasher = PasswordHasher()
         self.keys: dict[str, tuple[float, asyncio.Future[Principal]]] = {}
         self.members = itertools.count()
+        self.quota = governance.Quota(self.redis, settings.token_quota) if settings.full else None
+        self.chain: governance.AuditChain | None = None
 
     async def open(self) -> None:
         self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=20)
         await storage.ensure_schema(self.pool)
+        if self.settings.full:
+            self.chain = governance.AuditChain(self.pool)
+            await self.chain.open()
+
+    def audit(self, background: BackgroundTasks, rows: list[storage.AuditRow]) -> None:
+        """Light: plain rows inserted after the response. Full: onto the hash chain's queue."""
+        if self.chain is None:
+            background.add_task(storage.write_audit, self.pool, rows)
+            return
+        for row in rows:
+            self.chain.record(dict(zip(storage.AUDIT_FIELDS, row, strict=True)))
 
     async def close(self) -> None:
+        if self.chain is not None:
+            await self.chain.close()
         await self.upstream.aclose()
         await self.pool.close()
         await self.redis.aclose()
@@ -211,6 +237,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="fastapi-twin", lifespan=lifespan, docs_url=None, redoc_url=None)
+if FULL:
+    app.add_middleware(governance.MetricsMiddleware)
 
 
 @app.exception_handler(ApiError)
@@ -353,40 +381,90 @@ async def chat_completions(
     rid = _request_id(request)
     payload = body.model_dump(exclude_none=True)
     headers = {"X-Request-ID": rid}
-    if body.stream:
+    reservation = await _reserve(state, principal, payload)
+    try:
+        if body.stream:
+            return await _stream(state, principal, body, payload, headers, started, background, reservation)
         try:
-            stream = await state.upstream.open_stream("/chat/completions", payload, headers)
+            status, content = await state.upstream.request("POST", "/chat/completions", payload, headers)
         except UpstreamError as exc:
             raise _upstream_failure(exc) from None
-        if stream.status != 200:
-            await stream.read()
-            await stream.aclose()
-            raise ApiError(
-                502, f"The upstream model answered {stream.status}.", "server_error", "upstream_error"
-            )
-        usage: dict[str, Any] = {"completion_tokens": 0}
+        if status != 200:
+            raise ApiError(502, f"The upstream model answered {status}.", "server_error", "upstream_error")
+    except BaseException:
+        await _settle(state, principal, reservation, {})
+        raise
+    usage = orjson.loads(content).get("usage") or {}
+    await _settle(state, principal, reservation, usage)
+    state.audit(background, [_audit_row(rid, principal, "chat", body.model, 200, usage, started)])
+    return Response(content, media_type="application/json", headers={"X-Request-ID": rid})
 
-        async def audit_stream() -> None:
-            row = _audit_row(rid, principal, "chat", body.model, 200, usage, started)
-            await storage.write_audit(state.pool, [row])
 
-        background.add_task(audit_stream)
-        return StreamingResponse(
-            _relay(stream, usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": rid},
-        )
+Reservation = tuple[str, int] | None
+
+
+async def _reserve(state: State, principal: Principal, payload: dict[str, Any]) -> Reservation:
+    """Full: redact PII in the messages, then reserve the call's worst case against the quota."""
+    if state.quota is None:
+        return None
+    payload["messages"] = governance.redact_messages(payload["messages"])
+    prompt_chars = sum(len(str(m.get("content", ""))) for m in payload["messages"])
+    tokens = payload.get("max_tokens", MAX_TOKENS) + prompt_chars // 4 + 1
     try:
-        status, content = await state.upstream.request("POST", "/chat/completions", payload, headers)
+        key = await state.quota.reserve(principal.tenant, tokens)
+    except RedisError:
+        return None  # fail open, as the gateway does
+    if key is None:
+        raise ApiError(429, "Token quota exhausted.", "insufficient_quota", "insufficient_quota")
+    return key, tokens
+
+
+async def _settle(
+    state: State, principal: Principal, reservation: Reservation, usage: Mapping[str, Any]
+) -> None:
+    if state.quota is None or reservation is None:
+        return
+    key, reserved = reservation
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    with contextlib.suppress(RedisError):
+        await state.quota.settle(key, principal.tenant, reserved, prompt, completion)
+
+
+async def _stream(
+    state: State,
+    principal: Principal,
+    body: ChatCompletionRequest,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    started: float,
+    background: BackgroundTasks,
+    reservation: Reservation,
+) -> Response:
+    rid = headers["X-Request-ID"]
+    try:
+        stream = await state.upstream.open_stream("/chat/completions", payload, headers)
     except UpstreamError as exc:
         raise _upstream_failure(exc) from None
-    if status != 200:
-        raise ApiError(502, f"The upstream model answered {status}.", "server_error", "upstream_error")
-    usage = orjson.loads(content).get("usage") or {}
-    background.add_task(
-        storage.write_audit, state.pool, [_audit_row(rid, principal, "chat", body.model, 200, usage, started)]
+    if stream.status != 200:
+        await stream.read()
+        await stream.aclose()
+        raise ApiError(502, f"The upstream model answered {stream.status}.", "server_error", "upstream_error")
+    usage: dict[str, Any] = {"completion_tokens": 0}
+
+    async def after_stream() -> None:
+        await _settle(state, principal, reservation, usage)
+        row = _audit_row(rid, principal, "chat", body.model, 200, usage, started)
+        if state.chain is None:
+            await storage.write_audit(state.pool, [row])
+        else:
+            state.chain.record(dict(zip(storage.AUDIT_FIELDS, row, strict=True)))
+
+    background.add_task(after_stream)
+    return StreamingResponse(
+        _relay(stream, usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": rid},
     )
-    return Response(content, media_type="application/json", headers={"X-Request-ID": rid})
 
 
 async def _relay(stream: UpstreamStream, usage: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -451,7 +529,7 @@ async def fanout(
         return result
 
     results = await asyncio.gather(*(one(i, call) for i, call in enumerate(body.calls)))
-    background.add_task(storage.write_audit, state.pool, rows)
+    state.audit(background, rows)
     answer = {
         "object": "fanout.result",
         "mode": body.mode,

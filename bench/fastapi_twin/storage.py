@@ -38,6 +38,17 @@ INSERT INTO twin_audit
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 """
 AuditRow = tuple[str, str, str, str, str, int, int | None, int | None, float]
+AUDIT_FIELDS = (
+    "request_id",
+    "tenant",
+    "key_prefix",
+    "route",
+    "model",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+)
 
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
