@@ -155,6 +155,8 @@ class _Outcome:
     error: str | None = None
     first_token: float | None = None
     tokens: int = 0
+    # For a 503: whether it is a well-formed refusal (Retry-After and the OpenAI error shape).
+    refusal_ok: bool | None = None
 
 
 class _Recorder:
@@ -255,8 +257,10 @@ async def _one(
             target.method, target.url, data=target.body or None, headers=target.headers, timeout=timeout
         ) as resp:
             if resp.status >= 400:
-                await resp.read()
+                body = await resp.read()
                 outcome.error = f"http_{resp.status}"
+                if resp.status == 503:
+                    outcome.refusal_ok = "Retry-After" in resp.headers and _is_error_shape(body)
             elif target.stream:
                 await _read_stream(resp, outcome, recorder)
             else:
@@ -272,6 +276,15 @@ async def _one(
     finally:
         outcome.done = loop.time()
         recorder.in_flight -= 1
+
+
+def _is_error_shape(body: bytes) -> bool:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and {"message", "type", "param", "code"} <= error.keys()
 
 
 def _source_addresses(url: str, connections: int) -> list[str | None]:
@@ -470,6 +483,14 @@ def _result(recorder: _Recorder, start: float, elapsed: float, target: Target) -
         "by_second": _by_second(outcomes, start),
         "gauges": recorder.gauges,
     }
+    refused = [o for o in outcomes if o.refusal_ok is not None]
+    if refused:
+        result["refusals"] = {
+            "count": len(refused),
+            "well_formed": sum(1 for o in refused if o.refusal_ok),
+            "latency_ms": summarize([o.done - o.intended for o in refused]),
+            "latency_from_send_ms": summarize([o.done - o.sent for o in refused]),
+        }
     if target.stream:
         result["ttft_ms"] = summarize([o.first_token - o.intended for o in ok if o.first_token is not None])
         # From when the generator actually sent the request: ttft_ms minus the generator's own lag.

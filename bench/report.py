@@ -18,7 +18,16 @@ from typing import Any
 # PII policy, token quota, hash-chained audit and metrics that ours runs (bench/fastapi_twin).
 SYSTEMS = ("ours", "twin-httpx", "twin-aiohttp", "twin-full-httpx", "twin-full-aiohttp", "litellm", "direct")
 PEERS = ("twin-httpx", "twin-aiohttp", "twin-full-httpx", "twin-full-aiohttp", "litellm", "direct")
-SCENARIO_ORDER = ("overhead", "streams", "fanout", "chain", "saturation", "concurrency250", "profile")
+SCENARIO_ORDER = (
+    "overhead",
+    "streams",
+    "fanout",
+    "chain",
+    "saturation",
+    "overload",
+    "concurrency250",
+    "profile",
+)
 PROFILE_ROWS = 12
 Doc = Mapping[str, Any]
 
@@ -376,6 +385,61 @@ def saturation_section(doc: Doc) -> list[str]:
     return lines
 
 
+def overload_section(doc: Doc) -> list[str]:
+    ladder_rows, sustained_rows = [], []
+    for system in _systems_in(doc):
+        entry = _ok(doc, system)
+        if not entry:
+            ladder_rows.append([system, _why(doc, system)])
+            sustained_rows.append([system, _why(doc, system), *["-"] * 5])
+            continue
+        ladder_rows.append(
+            [system, ", ".join(f"{s['offered_rps']:,} → {s['goodput_rps']:,.0f}" for s in entry["ladder"])]
+        )
+        sus = entry["sustained"]
+        run = sus["run"]
+        refusals = run.get("refusals")
+        refused = (
+            f"{refusals['count']:,} ({refusals['well_formed']:,} well formed), p99 "
+            f"{fmt(refusals['latency_ms']['p99'], 'ms', 1)}"
+            if refusals
+            else "none"
+        )
+        other = run["error_count"] - (refusals["count"] if refusals else 0)
+        health = sus["healthz"]
+        sustained_rows.append(
+            [
+                system,
+                f"{sus['offered_rps']:,}",
+                f"{sus['goodput_rps']:,.0f} ({sus['goodput_share_of_reference']:.0%})",
+                refused,
+                f"{other:,}",
+                fmt(health["latency_ms"]["p99"], "ms", 1) if health else "no /healthz",
+            ]
+        )
+    sample = next((_ok(doc, s) for s in _systems_in(doc) if _ok(doc, s)), None)
+    reference = (
+        f"3 x {sample['sustained']['reference_rps']:,} req/s, {sample['sustained']['reference_source']}, for "
+        f"{sample['sustained']['seconds']:g} s"
+        if sample
+        else ""
+    )
+    return [
+        "Goodput (2xx per offered second) at each offered rate (req/s offered → 2xx/s):",
+        "",
+        *_table(["system", "offered → goodput"], ladder_rows),
+        "",
+        f"Sustained overload: {reference}. Goodput share is against that reference rate; a refusal "
+        "is well formed with Retry-After and the OpenAI error object; its latency runs from the "
+        "intended send time.",
+        "",
+        *_table(
+            ["system", "offered req/s", "goodput 2xx/s", "503 refusals", "other errors", "/healthz p99"],
+            sustained_rows,
+        ),
+    ]
+
+
 def concurrency_section(doc: Doc) -> list[str]:
     rows = []
     for system in _systems_in(doc):
@@ -461,6 +525,8 @@ def _title(name: str, p: Mapping[str, Any]) -> str:
         return f"4. I/O chain: 4 upstream calls of {p['chain_step_ms']:.0f} ms, {p['chain_clients']} clients"
     if name == "saturation":
         return "5. Saturation: highest open-loop rate with p99 ≤ 1 s and errors ≤ 0.1%, 50 ms upstream"
+    if name == "overload":
+        return "8. Overload: goodput against offered load past saturation, 50 ms upstream"
     if name == "concurrency250":
         return (
             f"6. {p['concurrency_clients']} concurrent AI requests: closed loop, "
@@ -476,6 +542,7 @@ SECTIONS: dict[str, Callable[[Doc], list[str]]] = {
     "fanout": fanout_section,
     "chain": chain_section,
     "saturation": saturation_section,
+    "overload": overload_section,
     "concurrency250": concurrency_section,
     "profile": profile_section,
 }
@@ -556,6 +623,8 @@ def _runs(entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
         return [plan["run"] for plan in entry["plans"].values()]
     if "steps" in entry:
         return [step["run"] for step in entry["steps"]]
+    if "ladder" in entry:
+        return [step["run"] for step in entry["ladder"]] + [entry["sustained"]["run"]]
     return [entry["run"]]
 
 
@@ -712,6 +781,27 @@ def plot(docs: Mapping[str, Doc], out: Path) -> list[Path]:
             ax.legend(fontsize="x-small")
         fig.tight_layout()
         written.append(_save(fig, out / "streams.png"))
+    overload_doc = docs.get("overload")
+    if overload_doc:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        top = 0.0
+        for system in _systems_in(overload_doc):
+            entry = _ok(overload_doc, system)
+            if not entry:
+                continue
+            points = [(s["offered_rps"], s["goodput_rps"]) for s in entry["ladder"]]
+            sus = entry["sustained"]
+            points = sorted([*points, (sus["offered_rps"], sus["goodput_rps"])])
+            top = max(top, *(p[0] for p in points))
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=COLORS[system], label=system)
+        ax.plot([0, top], [0, top], ":", color="grey", label="goodput = offered")
+        ax.set_title("goodput (2xx/s) against offered load, one worker, 50 ms upstream")
+        ax.set_xlabel("offered req/s")
+        ax.set_ylabel("2xx/s")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small")
+        fig.tight_layout()
+        written.append(_save(fig, out / "overload.png"))
     return written
 
 

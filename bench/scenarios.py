@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.loadgen import Target, run_load
+from bench.loadgen import Target, run_load, summarize
 from bench.systems import Live
 from bench.upstream_sim import Simulator
 
@@ -67,6 +67,10 @@ class Scale:
     concurrency_timeout_s: float
     profile_rate: int
     profile_s: float
+    overload_rates: tuple[int, ...]
+    overload_step_s: float
+    overload_sustain_s: float
+    overload_reference_rps: int
 
 
 FULL = Scale(
@@ -96,6 +100,10 @@ FULL = Scale(
     concurrency_timeout_s=10.0,
     profile_rate=200,
     profile_s=12.0,
+    overload_rates=(250, 500, 1000, 1500, 2000),
+    overload_step_s=8.0,
+    overload_sustain_s=30.0,
+    overload_reference_rps=340,
 )
 QUICK = Scale(
     warmup_s=0.5,
@@ -124,6 +132,10 @@ QUICK = Scale(
     concurrency_timeout_s=5.0,
     profile_rate=100,
     profile_s=3.0,
+    overload_rates=(100, 300),
+    overload_step_s=1.5,
+    overload_sustain_s=2.0,
+    overload_reference_rps=100,
 )
 
 
@@ -376,6 +388,92 @@ def saturation(live: Live, bench: Bench) -> dict[str, Any]:
     }
 
 
+# --- 8. overload ----------------------------------------------------------------------------------
+
+OVERLOAD_TIMEOUT_S = 5.0
+HEALTHZ_PROBE_S = 0.02
+
+
+def _reference_rps(bench: Bench) -> tuple[int, str]:
+    """Ours' saturation rate from this run's saturation scenario, else the scale's fallback."""
+    path = bench.raw_dir.parent.parent / "saturation.json"
+    try:
+        entry = json.loads(path.read_text())["systems"]["ours"]
+        if entry.get("status") == "ok" and entry.get("max_sustained_rps"):
+            return int(entry["max_sustained_rps"]), f"ours' saturation in this run ({path.name})"
+    except (OSError, ValueError, KeyError):
+        pass
+    return (
+        bench.scale.overload_reference_rps,
+        "the scale's reference (no saturation result for ours in this run)",
+    )
+
+
+def _goodput(run: Mapping[str, Any], offered_s: float) -> float:
+    return round(run["ok"] / offered_s, 1)
+
+
+def overload(live: Live, bench: Bench) -> dict[str, Any]:
+    """Offered load past capacity: does goodput hold, and how are the refused told?
+
+    A ladder of open-loop rates (the same for every system, for the goodput-against-offered plot),
+    then 3x ours' saturation rate for overload_sustain_s while a separate process probes /healthz
+    every 20 ms (systems without /healthz say so). A refusal counts as well formed with a
+    Retry-After header and OpenAI's error object; its latency runs from the intended send time.
+    """
+    import multiprocessing
+
+    from bench.liveness import probe as probe_healthz
+
+    scale = bench.scale
+    bench.prepare(live, [chat(live)], upstream_knobs(50.0))
+    steps = []
+    for rate in scale.overload_rates:
+        time.sleep(1.0)
+        run = bench.measured(
+            live, chat(live), rate=rate, duration_s=scale.overload_step_s, timeout_s=OVERLOAD_TIMEOUT_S
+        )
+        steps.append({"offered_rps": rate, "goodput_rps": _goodput(run, scale.overload_step_s), "run": run})
+    reference, source = _reference_rps(bench)
+    offered = 3 * reference
+    port = int(live.base_url.rsplit(":", 1)[1])
+    has_healthz = procs.http_ok(f"{live.base_url}/healthz")
+    context = multiprocessing.get_context("spawn")
+    stop, results = context.Event(), context.Queue()
+    prober = (
+        context.Process(target=probe_healthz, args=(port, stop, results), daemon=True)
+        if has_healthz
+        else None
+    )
+    time.sleep(1.0)
+    if prober is not None:
+        prober.start()
+    try:
+        run = bench.measured(
+            live, chat(live), rate=offered, duration_s=scale.overload_sustain_s, timeout_s=OVERLOAD_TIMEOUT_S
+        )
+    finally:
+        stop.set()
+    healthz: dict[str, Any] | None = None
+    if prober is not None:
+        probed = results.get(timeout=60)
+        prober.join(10)
+        healthz = {"latency_ms": summarize(probed["latencies"]), "failures": probed["failures"]}
+    return {
+        "ladder": steps,
+        "sustained": {
+            "reference_rps": reference,
+            "reference_source": source,
+            "offered_rps": offered,
+            "seconds": scale.overload_sustain_s,
+            "goodput_rps": _goodput(run, scale.overload_sustain_s),
+            "goodput_share_of_reference": round(_goodput(run, scale.overload_sustain_s) / reference, 3),
+            "healthz": healthz,
+            "run": run,
+        },
+    }
+
+
 # --- 6. 250 concurrent AI requests ----------------------------------------------------------------
 
 
@@ -498,5 +596,6 @@ SCENARIOS: dict[str, Scenario] = {
     "chain": chain,
     "concurrency250": concurrency250,
     "saturation": saturation,
+    "overload": overload,
     "streams": streams,
 }
