@@ -33,6 +33,10 @@ workers = _count("WEB_CONCURRENCY", 1, minimum=1)
 worker_class = "gunicorn_worker.GatewayGeventWorker"
 # Greenlets per worker: long SSE streams each hold one, so this is also the stream ceiling.
 worker_connections = _count("WORKER_CONNECTIONS", 1000, minimum=1)
+# Connections the kernel queues for accept() while the worker is busy. A burst past it (thousands
+# of streams opening at once) is dropped at SYN and retried by clients after 1, 3, 7... seconds,
+# which shows as multi-second time-to-first-token; the kernel caps it at net.core.somaxconn.
+backlog = _count("BACKLOG", 2048, minimum=64)
 # Loopback by default: the embedded defaults (bootstrap key, no TLS) are for one machine;
 # a deployment binds 0.0.0.0 behind its proxy on purpose.
 bind = os.environ.get("BIND", "127.0.0.1:8000")
