@@ -149,7 +149,8 @@ class Ours(System):
         self.key = ""
         self.policy_key = ""
         self.notes = [
-            "gunicorn -c gunicorn.conf.py, gevent worker, WEB_CONCURRENCY=1, WORKER_CONNECTIONS=12000, BACKLOG=4096",
+            "gunicorn -c gunicorn.conf.py, gevent worker, WEB_CONCURRENCY=1, WORKER_CONNECTIONS=12000, "
+            "BACKLOG=4096",
             "catalogue bench/models.yaml: upstream-chat only, pool_size/max_concurrency 12000",
             "APP_ENV=production, JSON request log to a file",
             "fully governed: PII policy redacting every detector, a token quota, hash-chained audit",
