@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,10 +39,9 @@ from typing import Any
 
 import psutil
 
-from bench import procs, report, systems
+from bench import companion, procs, report, systems
 from bench.loadgen import Target, run_load
-from bench.run import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL, RESULTS
-from bench.upstream_sim import run_simulator
+from bench.run import RESULTS
 
 SAMPLE_S = 10.0
 TIMEOUT_S = 30.0
@@ -67,22 +64,7 @@ MIX = (("chat", 0.5), ("chat_stream", 0.2), ("v2_vader", 0.125), ("embeddings", 
 GREENLET_LINE = re.compile(r'^gateway_worker_greenlets\{pid="(\d+)"\}\s+([0-9.e+]+)$', re.M)
 
 
-class Soaked(systems.Ours):
-    """The gateway as deployed: two workers, the mixed catalogue, greenlet sampling on."""
-
-    def __init__(self, ctx: systems.RunContext, catalogue: Path) -> None:
-        super().__init__(ctx)
-        self.name = "soak"
-        self.catalogue = catalogue
-
-    def env(self) -> dict[str, str]:
-        return {
-            **super().env(),
-            "MODELS_CONFIG": str(self.catalogue),
-            "WEB_CONCURRENCY": "2",
-            "WORKER_CONNECTIONS": "1000",
-            "WORKER_STATS_INTERVAL": str(SAMPLE_S),
-        }
+SETTINGS = {"WEB_CONCURRENCY": "2", "WORKER_CONNECTIONS": "1000", "WORKER_STATS_INTERVAL": str(SAMPLE_S)}
 
 
 def targets(base: str, key: str, reader: str) -> dict[str, Target]:
@@ -286,20 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.warmup_minutes >= args.minutes:
         parser.error("--warmup-minutes must be shorter than --minutes")
-    run_id = uuid.uuid4().hex[:8]
-    raw_dir = args.out / "raw" / f"soak-{run_id}"
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    catalogue = raw_dir / "models.yaml"
-    catalogue.write_text(CATALOGUE)
-    with run_simulator(latency_ms=20, tokens=16, tokens_per_s=400) as sim:
-        ctx = systems.RunContext(
-            sim=sim,
-            raw_dir=raw_dir,
-            layout=procs.Layout(None, None),
-            run_id=run_id,
-            redis_url=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
-            postgres_url=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-        )
+    knobs = {"latency_ms": 20, "tokens": 16, "tokens_per_s": 400}
+    with companion.run_context(args.out, "soak", CATALOGUE, **knobs) as (ctx, catalogue):
         result = run(ctx, catalogue, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -309,12 +279,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(ctx: systems.RunContext, catalogue: Path, args: argparse.Namespace) -> dict[str, Any]:
-    system = Soaked(ctx, catalogue)
+    system = companion.Gateway(ctx, "soak", catalogue, SETTINGS)
     system.prepare()
     try:
-        reader = systems.issued_key(
-            system.flask("keys", "issue", "bench", "--name", "reader", "--scopes", "governance:read")
-        )
+        reader = system.issue("bench", "--scopes", "governance:read")
         with system.start("soak") as live:
             load = targets(live.base_url, system.key, reader)
             warm(load)

@@ -25,15 +25,13 @@ import contextlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import procs, report, systems
+from bench import companion, procs, report, systems
 from bench.loadgen import Target, run_load
-from bench.run import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL, RESULTS, loop_factory
-from bench.upstream_sim import run_simulator
+from bench.run import RESULTS, loop_factory
 
 BENCH = Path(__file__).resolve().parent
 WORKERS = (1, 2)
@@ -60,28 +58,16 @@ models:
 """
 
 
-class Tuned(systems.Ours):
+class Tuned(companion.Gateway):
     """The gateway with one cell's worker settings and a catalogue of both paths' models."""
 
     def __init__(self, ctx: systems.RunContext, catalogue: Path) -> None:
-        super().__init__(ctx)
-        self.name = "tuning"
-        self.catalogue = catalogue
-        self.workers = 1
-        self.connections = 1000
-
-    def env(self) -> dict[str, str]:
-        return {
-            **super().env(),
-            "MODELS_CONFIG": str(self.catalogue),
-            "WEB_CONCURRENCY": str(self.workers),
-            "WORKER_CONNECTIONS": str(self.connections),
-            "MODELS_LOAD": "eager",  # measure serving, not MiniLM's load racing the first requests
-        }
+        # Eager: measure serving, not MiniLM's load racing the first requests.
+        super().__init__(ctx, "tuning", catalogue, {"MODELS_LOAD": "eager"})
 
     @contextlib.contextmanager
     def cell(self, workers: int, connections: int) -> Iterator[systems.Live]:
-        self.workers, self.connections = workers, connections
+        self.settings.update(WEB_CONCURRENCY=str(workers), WORKER_CONNECTIONS=str(connections))
         with self.start(f"w{workers}-c{connections}") as live:
             yield live
 
@@ -181,11 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="load per cell and path")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    run_id = uuid.uuid4().hex[:8]
-    raw_dir = args.out / "raw" / f"tuning-{run_id}"
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    catalogue = raw_dir / "models.yaml"
-    catalogue.write_text(CATALOGUE)
     procs.raise_nofile()
     meta = {
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -195,15 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         ).strip(),
         "seconds": args.seconds,
     }
-    with run_simulator(latency_ms=50) as sim, asyncio.Runner(loop_factory=loop_factory()) as runner:
-        ctx = systems.RunContext(
-            sim=sim,
-            raw_dir=raw_dir,
-            layout=procs.Layout(None, None),
-            run_id=run_id,
-            redis_url=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
-            postgres_url=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-        )
+    with (
+        companion.run_context(args.out, "tuning", CATALOGUE, latency_ms=50) as (ctx, catalogue),
+        asyncio.Runner(loop_factory=loop_factory()) as runner,
+    ):
         system = Tuned(ctx, catalogue)
         system.prepare()
         try:

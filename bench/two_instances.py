@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,28 +30,19 @@ from typing import Any
 
 import requests
 
-from bench import procs, report, systems
-from bench.run import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL, RESULTS
-from bench.upstream_sim import run_simulator
+from bench import companion, report, systems
+from bench.run import RESULTS
 
 CATALOGUE = "models:\n  - name: sentiment\n    backend: vader\n"
 TENSOR = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["What a lovely day!"]}
 POLL_LIMIT_S = 10.0
 
 
-class Pair(systems.Ours):
+class Pair(companion.Gateway):
     """The gateway as deployed: two instances of it, two workers each."""
 
     def __init__(self, ctx: systems.RunContext, catalogue: Path) -> None:
-        super().__init__(ctx)
-        self.name = "two-instances"
-        self.catalogue = catalogue
-
-    def env(self) -> dict[str, str]:
-        return {**super().env(), "MODELS_CONFIG": str(self.catalogue), "WEB_CONCURRENCY": "2"}
-
-    def issue(self, tenant: str, *extra: str) -> str:
-        return systems.issued_key(self.flask("keys", "issue", tenant, "--name", uuid.uuid4().hex[:8], *extra))
+        super().__init__(ctx, "two-instances", catalogue, {"WEB_CONCURRENCY": "2"})
 
     @contextlib.contextmanager
     def both(self) -> Iterator[tuple[systems.Live, systems.Live]]:
@@ -155,24 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    run_id = uuid.uuid4().hex[:8]
-    raw_dir = args.out / "raw" / f"two-instances-{run_id}"
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    catalogue = raw_dir / "models.yaml"
-    catalogue.write_text(CATALOGUE)
-    with run_simulator() as sim:  # the base settings name an upstream; this catalogue calls none
-        run(
-            systems.RunContext(
-                sim=sim,
-                raw_dir=raw_dir,
-                layout=procs.Layout(None, None),
-                run_id=run_id,
-                redis_url=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
-                postgres_url=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-            ),
-            catalogue,
-            args.out,
-        )
+    # The base settings name an upstream, so the simulator runs; this catalogue calls none.
+    with companion.run_context(args.out, "two-instances", CATALOGUE) as (ctx, catalogue):
+        run(ctx, catalogue, args.out)
 
 
 def run(ctx: systems.RunContext, catalogue: Path, out: Path) -> None:
