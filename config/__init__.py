@@ -124,6 +124,7 @@ class BaseConfig:
     AUDIT_BUFFER_MAX = 10_000
     AUDIT_BATCH_SIZE = 500
     AUDIT_FLUSH_INTERVAL_MS = 200
+    AUDIT_JOURNAL = True
     DRIFT_WINDOW = 1000
     DRIFT_MIN_SAMPLES = 100
     DRIFT_PSI_THRESHOLD = 0.2
@@ -200,6 +201,7 @@ class BaseConfig:
         cfg["REGISTRY_POLL_S"] = _float(env, "REGISTRY_POLL", cls.REGISTRY_POLL_S)
         cfg["POLICY_PHONE_REGIONS"] = env.get("POLICY_PHONE_REGIONS") or cls.POLICY_PHONE_REGIONS
         cfg["AUDIT_ENABLED"] = _bool(env, "AUDIT_ENABLED", cls.AUDIT_ENABLED)
+        cfg["AUDIT_JOURNAL"] = _bool(env, "AUDIT_JOURNAL", cls.AUDIT_JOURNAL)
         cfg["AUDIT_BUFFER_MAX"] = _int(env, "AUDIT_BUFFER_MAX", cls.AUDIT_BUFFER_MAX, 1)
         cfg["AUDIT_BATCH_SIZE"] = _int(env, "AUDIT_BATCH_SIZE", cls.AUDIT_BATCH_SIZE, 1)
         cfg["AUDIT_FLUSH_INTERVAL_MS"] = _int(env, "AUDIT_FLUSH_INTERVAL_MS", cls.AUDIT_FLUSH_INTERVAL_MS, 1)

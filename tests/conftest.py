@@ -75,8 +75,13 @@ def app_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def app(database_url: str, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+def app(database_url: str, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path):
     monkeypatch.setenv("DATABASE_URL", database_url)
+    # The spool and the journal of this test's app, unless the test places its instance folder:
+    # a test client leaves unclosed responses journalled, and no later run has this test's
+    # database to recover them into.
+    if "INSTANCE_PATH" not in app_env:
+        monkeypatch.setenv("AUDIT_SPOOL_DIR", str(tmp_path / "audit-spool"))
     for key, value in app_env.items():
         monkeypatch.setenv(key, value)
     from app import create_app

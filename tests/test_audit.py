@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -352,6 +353,61 @@ def test_a_dead_workers_spool_is_claimed_and_replayed(app, client, world, runner
     assert "replayed 5 record(s)" in result.output
     assert not orphan.exists() and foreign.exists(), "another database's spool is left alone"
     assert len([r for r in records(app) if r["chain"] == world.globex]) == 5
+    assert verify(client, world.admin)["ok"] is True
+
+
+def test_a_dead_workers_journal_brings_back_cut_requests_and_lost_buffers(app, client, world):
+    """What a SIGKILL takes (journal.py): a request cut mid-way and a record still in the buffer
+    come back as records marked `recovered`; one that reached the database is not written twice;
+    and a live worker's journal keeps only what is not yet durable."""
+    writer: AuditWriter = app.extensions["audit"]
+    assert writer.journal is not None
+    # This process's own journal: two audited requests, flushed, so nothing is outstanding.
+    assert call(client, "POST", "/v2/models/sentiment/infer", world.acme_key, json=INFER).status_code == 200
+    assert call(client, "POST", "/v2/models/sentiment/infer", world.acme_key, json=INFER).status_code == 200
+    writer.flush()
+    assert not any(writer.journal._outstanding.values())
+    before = len(records(app))
+
+    # A dead worker's journal, as its last seconds left it.
+    from app.governance.audit.journal import Journal
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    scratch = writer.journal.directory / "scratch"
+    theirs = Journal(scratch, writer.journal.fingerprint)
+    now = utcnow()
+    theirs.opened(
+        "cut0000000000000000000000000001", "inference", now, "rid-cut", "/v1/chat/completions", "POST"
+    )
+    theirs.started("cut0000000000000000000000000001", world.acme, "key:x", "upstream-chat")
+    lost = Pending(
+        kind="inference", ts=now, request_id="rid-lost", tenant_id=world.globex, principal="key:y",
+        endpoint="/v2/models/sentiment/infer", method="POST", action=None, status=200, latency_ms=3.5,
+        noted={"model": "sentiment", "tokens_in": 4}, details={}, view_args={},
+        record_id="lost000000000000000000000000001",
+    )  # fmt: skip
+    theirs.opened(lost.record_id, "inference", now, "rid-lost", lost.endpoint, "POST")
+    theirs.closed(lost)
+    written = records(app)[0]  # already in the database: must not come back a second time
+    theirs.opened(written["record_id"], "inference", now, "rid-done", "/v1/models", "GET")
+    segment = next(scratch.glob("*.journal"))
+    orphan = writer.journal.directory / segment.name.replace(f"-{os.getpid()}-", f"-{dead.pid}-")
+    segment.rename(orphan)
+    with orphan.open("a") as torn:
+        torn.write('{"e":"open","id":"torn')  # the kill cut the last line
+
+    writer._journal_scan_at = 0.0  # what the next scan (every JOURNAL_SCAN_S) does
+    writer.flush()
+    after = records(app)
+    assert len(after) == before + 2 and not orphan.exists()
+    recovered = {r["record_id"]: r for r in after[before:]}
+    cut = recovered["cut0000000000000000000000000001"]
+    assert (cut["tenant_id"], cut["status"], cut["model"]) == (world.acme, 0, "upstream-chat")
+    assert cut["details"] == {"recovered": "worker_died_mid_request"}
+    buffered = recovered[lost.record_id]
+    assert (buffered["tenant_id"], buffered["status"], buffered["tokens_in"]) == (world.globex, 200, 4)
+    assert buffered["details"] == {"recovered": "worker_died_before_record_was_written"}
     assert verify(client, world.admin)["ok"] is True
 
 

@@ -42,6 +42,7 @@ def init_app(app: Flask) -> None:
         buffer_max=int(app.config["AUDIT_BUFFER_MAX"]),
         batch_size=int(app.config["AUDIT_BATCH_SIZE"]),
         flush_interval_s=float(app.config["AUDIT_FLUSH_INTERVAL_MS"]) / 1000,
+        journal=bool(app.config["AUDIT_JOURNAL"]),
     )
     app.extensions["audit"] = writer
     _writers.add(writer)

@@ -10,6 +10,7 @@ status noted there are final.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,6 +51,7 @@ class AuditContext:
     kind: str
     ts: datetime
     started: float
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     noted: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -102,7 +104,9 @@ def open_record() -> None:
     if kind is None:
         return
     audit.admit()
-    g.audit_context = AuditContext(kind=kind, ts=utcnow(), started=time.perf_counter())
+    context = g.audit_context = AuditContext(kind=kind, ts=utcnow(), started=time.perf_counter())
+    if audit.journal is not None:
+        audit.journal.opened(context.record_id, kind, context.ts, request_id(), request.path, request.method)
 
 
 def _request_body() -> bytes:
@@ -148,8 +152,16 @@ def close_record(response: Response) -> Response:
         request_body=_request_body() if context.kind == "inference" else b"",
         response_body=b"" if response.is_streamed or not response.is_json else response.get_data(),
         form=_safe_form() if context.kind == "admin" else {},
+        record_id=context.record_id,
     )
     audit = writer()
+    if response.is_streamed and audit.journal is not None:
+        audit.journal.started(
+            pending.record_id,
+            pending.tenant_id,
+            pending.principal,
+            context.noted.get("model") or pending.served_model,
+        )
 
     def submit() -> None:
         pending.latency_ms = (time.perf_counter() - context.started) * 1000

@@ -15,8 +15,9 @@ When a write fails the batch goes to the spool, and from then on every batch goe
 (records stay in order) until a replay drains it; replays retry with a backoff capped at
 RETRY_MAX_S. Replay is idempotent: `record_id` is unique and checked under the head lock, so a
 batch whose commit succeeded but whose acknowledgement was lost is not written twice.
-A process killed with SIGKILL loses what was in memory, at most one flush interval of records;
-everything that reached the spool survives.
+A process killed with SIGKILL loses what was in memory, at most one flush interval of records, and
+the requests it was serving never get a record: the journal (journal.py) brings both back, as
+records marked `details.recovered`, when the next worker's writer starts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from app.errors import APIError
+from app.governance.audit.journal import Journal
 from app.governance.audit.models import AuditChainHead, AuditRecord
 from app.governance.audit.records import GENESIS_HASH, Pending, record_hash
 from app.governance.audit.spool import Spool, database_fingerprint
@@ -44,6 +46,7 @@ from app.governance.audit.spool import Spool, database_fingerprint
 log = structlog.get_logger(__name__)
 
 RETRY_MAX_S = 2.0
+JOURNAL_SCAN_S = 5.0
 
 BUFFER_DEPTH = Gauge(
     "gateway_audit_buffer_depth",
@@ -53,6 +56,10 @@ BUFFER_DEPTH = Gauge(
 WRITTEN = Counter("gateway_audit_written_total", "Audit records inserted into the database (replays too).")
 SPOOLED = Counter("gateway_audit_spooled_total", "Audit records written to the local spool.")
 REPLAYED = Counter("gateway_audit_replayed_total", "Spooled audit records inserted into the database.")
+RECOVERED = Counter(
+    "gateway_audit_recovered_total",
+    "Records written from dead workers' journals (cut requests, lost buffers).",
+)
 
 _records = AuditRecord.__table__
 _heads = AuditChainHead.__table__
@@ -67,12 +74,16 @@ class AuditWriter:
         buffer_max: int,
         batch_size: int,
         flush_interval_s: float,
+        journal: bool = True,
     ) -> None:
         self.engine = engine
         self.buffer_max = buffer_max
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.spool = Spool(spool_dir, database_fingerprint(engine.url))
+        self.journal = Journal(spool_dir, database_fingerprint(engine.url)) if journal else None
+        self._journal_files: list[Path] = []
+        self._journal_scan_at = 0.0
         self._buffer: deque[Pending] = deque()
         self._wakeup = threading.Condition()
         self._io = threading.Lock()
@@ -100,6 +111,8 @@ class AuditWriter:
         """Called once the response is sent: hashing now costs the client nothing and keeps the
         buffer small (hashes, not bodies)."""
         record.row()
+        if self.journal is not None:
+            self.journal.closed(record)
         self._buffer.append(record)
         BUFFER_DEPTH.inc()
         self.start()
@@ -128,6 +141,11 @@ class AuditWriter:
                 # Worker start: what this pid left before (pids are reused), then dead workers' files.
                 self._scan_spool = False
                 self._spool_files = self.spool.owned() + self.spool.claim_orphans()
+            if self.journal is not None and time.monotonic() >= self._journal_scan_at:
+                # Again every JOURNAL_SCAN_S: a worker that dies is replaced, but the requests
+                # that follow may all go to the survivors, which must then recover its journal.
+                self._journal_scan_at = time.monotonic() + JOURNAL_SCAN_S
+                self._journal_files += self.journal.claim_orphans()
             if self._spool_files:
                 self._spool_rows(self._take(len(self._buffer)))  # behind the backlog, in order
                 if time.monotonic() >= self._retry_at:
@@ -141,6 +159,31 @@ class AuditWriter:
                     self._failed()
                     self._spool_rows(batch + self._take(len(self._buffer)))
                     return
+            if self._journal_files and time.monotonic() >= self._retry_at:
+                self._recover()
+
+    def _recover(self) -> None:
+        """Records for what dead workers' journals hold and the database lacks (after the spool,
+        which may hold some of them)."""
+        assert self.journal is not None
+        for path in list(self._journal_files):
+            try:
+                lost = self.journal.lost_records(path) if path.exists() else []
+                written = sum(
+                    self.write(lost[i : i + self.batch_size], replay=True)
+                    for i in range(0, len(lost), self.batch_size)
+                )
+            except Exception as exc:
+                log.warning(
+                    "audit_recovery_failed", error=str(exc).splitlines()[0], retry_in_s=self._backoff_s
+                )
+                self._failed()
+                return
+            if written:
+                RECOVERED.inc(written)
+                log.warning("audit_records_recovered", records=written, journal=path.name)
+            path.unlink(missing_ok=True)
+            self._journal_files.remove(path)
 
     def close(self) -> None:
         """On shutdown: stop the flusher and leave nothing in memory (database, else spool)."""
@@ -152,6 +195,8 @@ class AuditWriter:
             if not self._buffer:
                 break
             self.flush()
+        if self.journal is not None and not self._buffer:
+            self.journal.close()
 
     def _take(self, count: int) -> list[Pending]:
         taken: list[Pending] = []
@@ -176,6 +221,8 @@ class AuditWriter:
             BUFFER_DEPTH.inc(len(records))
             return
         SPOOLED.inc(len(records))
+        if self.journal is not None:
+            self.journal.durable(r.record_id for r in records)
         log.warning("audit_spooled", records=len(records), file=self.spool.own_file.name)
         if self.spool.own_file not in self._spool_files:
             self._spool_files.append(self.spool.own_file)
@@ -248,6 +295,8 @@ class AuditWriter:
                 [{"b_chain": c, "b_seq": s, "b_hash": h} for c, (s, h) in heads.items()],
             )
         WRITTEN.inc(len(chained))
+        if self.journal is not None and not replay:
+            self.journal.durable(row["record_id"] for row in chained)
         return len(chained)
 
     def _ensure_heads(self, chains: list[str]) -> None:
