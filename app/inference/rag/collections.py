@@ -79,7 +79,7 @@ def delete_collection(collection_id: str) -> dict[str, Any]:
 @blp.response(201, IngestResponseSchema)
 @blp.doc(responses={400: "BAD_REQUEST", 404: "NOT_FOUND", 409: "CONFLICT", 413: "REQUEST_ENTITY_TOO_LARGE"})
 @unbounded
-def add_documents(collection_id: str, body: dict[str, Any]) -> dict[str, Any]:
+def add_documents(body: dict[str, Any], collection_id: str) -> dict[str, Any]:
     """Add documents to a collection
 
     Each document is split into chunks of 400-800 characters (overlapping by up to 100), which
@@ -95,7 +95,7 @@ def add_documents(collection_id: str, body: dict[str, Any]) -> dict[str, Any]:
 @blp.response(200, SearchResponseSchema)
 @blp.doc(responses={400: "BAD_REQUEST", 404: "NOT_FOUND", 409: "CONFLICT"})
 @unbounded
-def search(collection_id: str, body: dict[str, Any]) -> dict[str, Any]:
+def search(body: dict[str, Any], collection_id: str) -> dict[str, Any]:
     """Search a collection
 
     The `top_k` chunks nearest to the query (cosine similarity, best first) among those whose

@@ -17,6 +17,7 @@ from app.inference.rag.filters import KEY, is_scalar
 from app.inference.schemas import (
     MAX_TOKENS_BOUND,
     ChatCompletionSchema,
+    EmbeddingUsageSchema,
     MessageSchema,
     StreamOptionsSchema,
     Strict,
@@ -133,11 +134,6 @@ class DocumentSchema(ma.Schema):
     chunk_count = ma.fields.Integer()
     chunk_ids = ma.fields.List(ma.fields.String())
     created_at = ma.fields.DateTime()
-
-
-class EmbeddingUsageSchema(ma.Schema):
-    prompt_tokens = ma.fields.Integer()
-    total_tokens = ma.fields.Integer()
 
 
 class IngestTimingsSchema(ma.Schema):
