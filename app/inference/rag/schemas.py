@@ -6,6 +6,7 @@ The limits below are documented in the OpenAPI description of each field and in 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import marshmallow as ma
@@ -13,7 +14,7 @@ from marshmallow import validate
 
 from app.fields import StrictBoolean, StrictInteger, StrictNumber
 from app.governance.pagination import PageArgsSchema, PageSchema
-from app.inference.rag.filters import KEY, is_scalar
+from app.inference.rag.filters import COMPARISONS, KEY, MAX_CONDITIONS, MAX_IN_VALUES, is_scalar
 from app.inference.schemas import (
     MAX_TOKENS_BOUND,
     ChatCompletionSchema,
@@ -52,14 +53,69 @@ def _check_metadata(value: dict[str, Any]) -> None:
             raise ma.ValidationError(f"Key {key!r}: strings are at most {MAX_METADATA_STRING} characters.")
 
 
+# JSON Schema's (ECMAScript's) `\s`, so the documented `pattern: \S` and this check agree exactly.
+_BLANK = re.compile(r"^[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]*$")
+
+
 def _has_text(value: str) -> None:
-    if not value.strip():
+    if _BLANK.match(value):
         raise ma.ValidationError("Must contain text, not only whitespace.")
 
 
+SCALAR_SCHEMA: dict[str, Any] = {"type": ["string", "number", "boolean"]}
+KEY_SCHEMA = {"pattern": KEY.pattern}
+
+
 class MetadataField(ma.fields.Dict):
+    """A document's flat metadata, documented as exactly as `_check_metadata` checks it."""
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(keys=ma.fields.String(), validate=_check_metadata, **kwargs)
+
+    def _jsonschema_type_mapping(self) -> dict[str, Any]:
+        value = {"type": ["string", "number", "boolean", "null"], "maxLength": MAX_METADATA_STRING}
+        return {
+            "type": "object",
+            "maxProperties": MAX_METADATA_KEYS,
+            "propertyNames": KEY_SCHEMA,
+            "additionalProperties": value,
+        }
+
+
+class FilterField(ma.fields.Dict):
+    """A search filter: checked by `filters.parse` (400 invalid_filter, naming the key), and
+    documented here with the same grammar, so a client generating from the spec sends valid ones."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_none=True, metadata={"description": FILTER_DESCRIPTION}, **kwargs)
+
+    def _jsonschema_type_mapping(self) -> dict[str, Any]:
+        def operator(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "type": "object",
+                "properties": {name: schema},
+                "required": [name],
+                "additionalProperties": False,
+            }
+
+        number = {"type": "number"}
+        scalars = {"type": "array", "items": SCALAR_SCHEMA, "minItems": 1, "maxItems": MAX_IN_VALUES}
+        condition = {
+            "oneOf": [
+                SCALAR_SCHEMA,
+                operator("$eq", SCALAR_SCHEMA),
+                operator("$ne", SCALAR_SCHEMA),
+                operator("$in", scalars),
+                *(operator(op, number) for op in COMPARISONS),
+            ]
+        }
+        return {
+            "type": ["object", "null"],
+            "maxProperties": MAX_CONDITIONS,
+            "propertyNames": KEY_SCHEMA,
+            "additionalProperties": condition,
+            "description": FILTER_DESCRIPTION,
+        }
 
 
 # collections ----------------------------------------------------------------------------------
@@ -109,7 +165,11 @@ class DocumentInSchema(Strict):
     text = ma.fields.String(
         required=True,
         validate=_has_text,
-        metadata={"description": f"At most {MAX_DOCUMENT_CHARS} characters (413 document_too_large)."},
+        metadata={
+            "description": f"At most {MAX_DOCUMENT_CHARS} characters (413 document_too_large).",
+            "maxLength": MAX_DOCUMENT_CHARS,
+            "pattern": r"\S",
+        },
     )
     metadata = MetadataField(
         load_default=dict,
@@ -152,9 +212,13 @@ class IngestResponseSchema(ma.Schema):
 
 # search ---------------------------------------------------------------------------------------
 class SearchRequestSchema(Strict):
-    query = ma.fields.String(required=True, validate=[validate.Length(min=1, max=MAX_QUERY_CHARS), _has_text])
+    query = ma.fields.String(
+        required=True,
+        validate=[validate.Length(min=1, max=MAX_QUERY_CHARS), _has_text],
+        metadata={"pattern": r"\S"},
+    )
     top_k = StrictInteger(load_default=5, minimum=1, maximum=MAX_TOP_K)
-    filter = ma.fields.Dict(allow_none=True, metadata={"description": FILTER_DESCRIPTION})
+    filter = FilterField()
 
 
 class HitSchema(ma.Schema):
@@ -193,7 +257,7 @@ class RagChatRequestSchema(Strict):
         metadata={"description": "The conversation; its last user message is the retrieval query."},
     )
     top_k = StrictInteger(load_default=4, minimum=1, maximum=MAX_CHAT_TOP_K)
-    filter = ma.fields.Dict(allow_none=True, metadata={"description": FILTER_DESCRIPTION})
+    filter = FilterField()
     max_tokens = StrictInteger(allow_none=True, minimum=1, maximum=MAX_TOKENS_BOUND)
     temperature = StrictNumber(allow_none=True, validate=validate.Range(min=0, max=2))
     top_p = StrictNumber(allow_none=True, validate=validate.Range(min=0, max=1))

@@ -184,14 +184,18 @@ def ingest(principal: Principal, collection_id: str, body: dict[str, Any]) -> di
     pieces = [chunking.split(document["text"]) for document in documents]
     chunk_ms = _ms(started)
     runtime = _embedder(collection.embedding_model)
+    texts = [p.text for ps in pieces for p in ps]
     started = time.perf_counter()
-    result, seen = service.embed_texts(principal, runtime, [p.text for ps in pieces for p in ps])
+    tokens, seen, vectors = 0, texts, np.zeros((0, 0), np.float32)
+    if texts:  # documents of only separators and control characters have nothing to embed
+        result, seen = service.embed_texts(principal, runtime, texts)
+        tokens, vectors = result.prompt_tokens, _unit(result.vectors)
     embed_ms = _ms(started)
-    audit.note(input=seen, tokens_in=result.prompt_tokens, tokens_out=0)
-    vectors = _unit(result.vectors)
-    dims = int(vectors.shape[1])
+    audit.note(input=seen, tokens_in=tokens, tokens_out=0)
     started = time.perf_counter()
-    _pin_dimensions(db.session, principal, collection, dims)
+    dims = int(vectors.shape[1]) if texts else collection.dimensions
+    if texts:
+        _pin_dimensions(db.session, principal, collection, int(vectors.shape[1]))
     rows, position = [], 0
     for document, document_pieces in zip(documents, pieces, strict=True):
         row = Document(
@@ -249,7 +253,7 @@ def ingest(principal: Principal, collection_id: str, body: dict[str, Any]) -> di
     return {
         "collection_id": collection.id,
         "data": data,
-        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "timings": {"chunk_ms": chunk_ms, "embed_ms": embed_ms, "store_ms": _ms(started)},
     }
 
