@@ -24,23 +24,15 @@ from tests import support
 
 pytestmark = pytest.mark.slow
 
-CATALOGUE = """
-models:
+MINILM = """
   - name: minilm
     backend: sentence_transformers
     limits:
       max_concurrency: 1
       max_batch_size: 32
       max_batch_wait_ms: 2
-  - name: smollm2
-    backend: llama_cpp
-    params:
-      n_ctx: 2048
-      n_threads: 2
-    limits:
-      max_tokens: 64
-  - name: vader
-    backend: vader
+"""
+UPSTREAM = """
   - name: upstream-chat
     backend: openai_compatible
     params:
@@ -52,6 +44,18 @@ models:
       base_url: ${UPSTREAM_BASE_URL}
       model: sim-model
 """
+LOCAL_CHAT_AND_VADER = """
+  - name: smollm2
+    backend: llama_cpp
+    params:
+      n_ctx: 2048
+      n_threads: 2
+    limits:
+      max_tokens: 64
+  - name: vader
+    backend: vader
+"""
+CATALOGUE = "models:" + MINILM + LOCAL_CHAT_AND_VADER + UPSTREAM
 
 DOCS = [
     {
@@ -518,3 +522,70 @@ def test_an_upstream_embedding_model_backs_a_collection(rag_app, client, tenant)
     # The simulator's vectors are hashes of the text: the same text is the nearest, exactly.
     hits = search(client, tenant, collection["id"], query=DOCS[1]["text"], top_k=1).get_json()["data"]
     assert hits[0]["text"] == DOCS[1]["text"] and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_store_is_the_engines(rag_app):
+    """PostgreSQL searches with pgvector (0.8 or later: iterative HNSW scans), SQLite exactly."""
+    from sqlalchemy import text
+
+    from app.extensions import db
+
+    assert rag_app.extensions["rag_store"].name == store_name(rag_app)
+    if rag_app.config["ENGINE"] == "postgresql":
+        with rag_app.app_context():
+            version = db.session.execute(
+                text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            ).scalar()
+        assert version is not None and tuple(int(p) for p in version.split(".")[:2]) >= (0, 8), version
+
+
+# a real server -----------------------------------------------------------------------------------
+@pytest.mark.server
+def test_rag_on_gunicorn_gevent(sqlite_template, simulator, tmp_path):
+    """The same path on gunicorn's gevent workers: MiniLM and the exact scan in real threads,
+    the stream relayed by the hub, both ending cleanly."""
+    import requests
+
+    (tmp_path / "models.yaml").write_text("models:" + MINILM + UPSTREAM)
+    db_url = support.copy_sqlite(sqlite_template, tmp_path / "gw.db")
+    key = support.issue_key(db_url, "rag-server")
+    redis_url = support.require_service("TEST_REDIS_URL")
+    support.flush_redis(redis_url)
+    env = {
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url,
+        "MODELS_CONFIG": str(tmp_path / "models.yaml"),
+        "MODELS_DIR": str(tmp_path),
+        "UPSTREAM_BASE_URL": simulator.base_url,
+        "RAG_EMBEDDING_MODEL": "minilm",
+    }
+    auth = {"Authorization": f"Bearer {key}"}
+    with support.GunicornServer(env, workers=1, ready_path="/readyz") as server:
+        url = server.url
+        collection = requests.post(f"{url}/v1/collections", json={"name": "docs"}, headers=auth, timeout=30)
+        assert collection.status_code == 201, collection.text
+        cid = collection.json()["id"]
+        docs = requests.post(
+            f"{url}/v1/collections/{cid}/documents", json={"documents": DOCS}, headers=auth, timeout=60
+        )
+        assert docs.status_code == 201, docs.text
+        found = requests.post(
+            f"{url}/v1/collections/{cid}/search",
+            json={"query": "plants and sunlight", "top_k": 1},
+            headers=auth,
+            timeout=30,
+        )
+        assert found.json()["data"][0]["document_id"] == docs.json()["data"][1]["id"]
+        body = {
+            "collection_id": cid,
+            "model": "upstream-chat",
+            "messages": [{"role": "user", "content": "Who made Python?"}],
+            "max_tokens": 5,
+            "stream": True,
+        }
+        with requests.post(f"{url}/v1/rag/chat", json=body, headers=auth, stream=True, timeout=30) as resp:
+            assert resp.status_code == 200
+            events = [line[6:] for line in resp.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[0])["citations"][0]["document_id"] == docs.json()["data"][2]["id"]
+        assert json.loads(events[-2])["object"] == "rag.timings"
