@@ -186,16 +186,16 @@ def ingest(principal: Principal, collection_id: str, body: dict[str, Any]) -> di
     runtime = _embedder(collection.embedding_model)
     texts = [p.text for ps in pieces for p in ps]
     started = time.perf_counter()
-    tokens, seen, vectors = 0, texts, np.zeros((0, 0), np.float32)
+    tokens, seen, vectors, dims = 0, texts, np.zeros((0, 0), np.float32), 0
     if texts:  # documents of only separators and control characters have nothing to embed
         result, seen = service.embed_texts(principal, runtime, texts)
         tokens, vectors = result.prompt_tokens, _unit(result.vectors)
+        dims = int(vectors.shape[1])
     embed_ms = _ms(started)
     audit.note(input=seen, tokens_in=tokens, tokens_out=0)
     started = time.perf_counter()
-    dims = int(vectors.shape[1]) if texts else collection.dimensions
     if texts:
-        _pin_dimensions(db.session, principal, collection, int(vectors.shape[1]))
+        _pin_dimensions(db.session, principal, collection, dims)
     rows, position = [], 0
     for document, document_pieces in zip(documents, pieces, strict=True):
         row = Document(
