@@ -589,3 +589,5 @@ def test_rag_on_gunicorn_gevent(sqlite_template, simulator, tmp_path):
         assert events[-1] == "[DONE]"
         assert json.loads(events[0])["citations"][0]["document_id"] == docs.json()["data"][2]["id"]
         assert json.loads(events[-2])["object"] == "rag.timings"
+        assert support.metric(url, "gateway_rag_retrieval_seconds_count", store="exact") == 2
+        assert support.metric(url, "gateway_rag_chunks_ingested_total", store="exact") == len(DOCS)

@@ -35,7 +35,7 @@ from app.governance import audit
 from app.governance.pagination import paginate
 from app.identity.principal import Principal
 from app.identity.scoping import scoped_select
-from app.inference import service
+from app.inference import metrics, service
 from app.inference.catalogue import catalogue
 from app.inference.rag import chunking, filters
 from app.inference.rag.models import Chunk, Collection, Document
@@ -237,6 +237,7 @@ def ingest(principal: Principal, collection_id: str, body: dict[str, Any]) -> di
             chunk_count=Collection.chunk_count + position,
         )
     )
+    metrics.RAG_CHUNKS.labels(store=vector_store().name).inc(position)
     data = [
         {
             "id": row.id,
@@ -283,10 +284,12 @@ def retrieve(
     started = time.perf_counter()
     vector, tokens = _embed_query(principal, collection, query)
     embed_ms = _ms(started)
+    store = vector_store()
     started = time.perf_counter()
-    hits = vector_store().search(
+    hits = store.search(
         db.session, principal.tenant_id, collection.id, collection.revision, vector, top_k, conditions
     )
+    metrics.RAG_RETRIEVAL.labels(store=store.name).observe(time.perf_counter() - started)
     return hits, {"tokens": tokens, "embed_ms": embed_ms, "retrieval_ms": _ms(started)}
 
 
