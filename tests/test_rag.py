@@ -300,6 +300,7 @@ def test_rag_chat_with_citations(rag_app, client, tenant, loaded):
     assert [c["index"] for c in citations] == [1, 2]
     assert all(c["chunk_id"] in chunk_ids and c["text"] and -1 <= c["score"] <= 1 for c in citations)
     assert "1889" in citations[0]["text"]
+    assert [c["cited"] for c in citations] == [False, False]  # the simulator cites nothing
     timings = answer["timings"]
     assert set(timings) == {"embed_ms", "retrieval_ms", "generation_ms", "total_ms"}
     assert timings["total_ms"] >= timings["embed_ms"] + timings["retrieval_ms"] + timings["generation_ms"] - 1
@@ -331,6 +332,7 @@ def test_rag_chat_streamed(rag_app, client, tenant, loaded):
     assert first["citations"][0]["document_id"] == ingested["data"][1]["id"]
     chunk_ids = {c for d in ingested["data"] for c in d["chunk_ids"]}
     assert {c["chunk_id"] for c in first["citations"]} <= chunk_ids and len(first["citations"]) == 3
+    assert "cited" not in first["citations"][0]  # known only once the answer is: rag.timings
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
     text = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c["choices"])
@@ -591,3 +593,16 @@ def test_rag_on_gunicorn_gevent(sqlite_template, simulator, tmp_path):
         assert json.loads(events[-2])["object"] == "rag.timings"
         assert support.metric(url, "gateway_rag_retrieval_seconds_count", store="exact") == 2
         assert support.metric(url, "gateway_rag_chunks_ingested_total", store="exact") == len(DOCS)
+
+
+def test_citations_flag_the_numbers_the_answer_cites():
+    from app.inference.rag.service import _citations
+    from app.inference.rag.stores import Hit
+
+    hits = [Hit(f"c{n}", "d", n, 0.5, f"text {n}", {}, 0, 6) for n in range(3)]
+    cited = _citations(hits, "Paris [1], and again [3][1]; not [7] nor 2.")
+    assert [(c["index"], c["chunk_id"], c["cited"]) for c in cited] == [
+        (1, "c0", True),
+        (2, "c1", False),
+        (3, "c2", True),
+    ]

@@ -331,9 +331,14 @@ def _sources(hits: list[Hit]) -> str:
     return "\n\n".join(f"[{n}] {hit.text}" for n, hit in enumerate(hits, start=1))
 
 
-def _citations(hits: list[Hit], answer: str) -> list[dict[str, Any]]:
+def _citations(hits: list[Hit], answer: str | None) -> list[dict[str, Any]]:
+    """The sources as numbered for the model; with the answer, whether it cites each one (a
+    stream's first event has no answer yet: its `rag.timings` event lists the numbers cited)."""
     cited = {int(n) for n in CITATION.findall(answer or "")}
-    return [{"index": n, "cited": n in cited, **_hit(hit)} for n, hit in enumerate(hits, start=1)]
+    return [
+        {"index": n, **({} if answer is None else {"cited": n in cited}), **_hit(hit)}
+        for n, hit in enumerate(hits, start=1)
+    ]
 
 
 CHAT_FIELDS = (
@@ -409,7 +414,7 @@ def _rag_events(
     answer: list[str] = []
     try:
         yield sse(
-            {"object": "rag.citations", "collection_id": collection_id, "citations": _citations(hits, "")}
+            {"object": "rag.citations", "collection_id": collection_id, "citations": _citations(hits, None)}
         )
         for event in chunks:
             if event == done:
