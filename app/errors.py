@@ -104,23 +104,25 @@ class APIError(Exception):
         return resp
 
 
-def flatten_messages(messages: Any, prefix: str = "") -> list[dict[str, str]]:
-    """Turn webargs/marshmallow's nested messages into `[{"param": "a.0.b", "message": ...}]`."""
+def flatten_messages(messages: Any, prefix: str = "", top: bool = True) -> list[dict[str, str]]:
+    """Turn webargs/marshmallow's nested messages into `[{"param": "a.0.b", "message": ...}]`.
+
+    Only the outermost keys can be webargs locations: a body field named `query` is a field."""
     found: list[dict[str, str]] = []
     if isinstance(messages, Mapping):
         for key, value in messages.items():
             key = str(key)
-            if not prefix and key in BODY_LOCATIONS:
-                found.extend(flatten_messages(value, ""))
+            if top and key in BODY_LOCATIONS:
+                found.extend(flatten_messages(value, "", top=False))
                 continue
             name = prefix if key == "_schema" else (f"{prefix}.{key}" if prefix else key)
-            found.extend(flatten_messages(value, name))
+            found.extend(flatten_messages(value, name, top=False))
     elif isinstance(messages, list | tuple):
         if all(isinstance(m, str) for m in messages):
             found.extend({"param": prefix or None, "message": m} for m in messages)  # type: ignore[misc]
         else:
             for item in messages:
-                found.extend(flatten_messages(item, prefix))
+                found.extend(flatten_messages(item, prefix, top=False))
     else:
         found.append({"param": prefix or None, "message": str(messages)})  # type: ignore[dict-item]
     return found

@@ -687,12 +687,12 @@ def write(out: Path) -> None:
     with_companions(out)
 
 
-COMPANIONS = ("TUNING.md", "TWO_INSTANCES.md", "LIVENESS.md", "SOAK.md")
+COMPANIONS = ("TUNING.md", "TWO_INSTANCES.md", "LIVENESS.md", "SOAK.md", "RAG.md")
 COMPANIONS_HEADING = "## Companion benchmarks"
 
 
 def with_companions(out: Path) -> None:
-    """End REPORT.md with the companion reports (gunicorn tuning, two instances, liveness, soak). Their
+    """End REPORT.md with the companion reports (tuning, two instances, liveness, soak, RAG). Their
     own scripts run after the main one in `make bench` and call this again, so the section is
     rewritten each time with whatever companion files exist."""
     path = out / "REPORT.md"

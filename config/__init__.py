@@ -136,6 +136,10 @@ class BaseConfig:
     QUOTA_LEASE_S = 30.0
     DRIFT_REFERENCE_TEXTS = str(ROOT / "config" / "drift_reference_texts.txt")
     SSE_PING_INTERVAL_S = 5.0
+    # RAG: the embedding model a new collection uses unless it names one, and the memory each
+    # process may give the exact (SQLite) store's in-process matrices.
+    RAG_EMBEDDING_MODEL = "all-minilm-l6-v2"
+    RAG_EXACT_CACHE_MB = 512
     BOOTSTRAP = True
     RATELIMIT_FAIL_OPEN = True
     # Moving window: a burst at a window's edge can't double the limit, as it can in fixed windows.
@@ -199,6 +203,8 @@ class BaseConfig:
             raise ConfigError("MODELS_LOAD", f"must be background or eager, got {cfg['MODELS_LOAD']!r}")
         cfg["SSE_PING_INTERVAL_S"] = _float(env, "SSE_PING_INTERVAL", cls.SSE_PING_INTERVAL_S)
         cfg["REGISTRY_POLL_S"] = _float(env, "REGISTRY_POLL", cls.REGISTRY_POLL_S)
+        cfg["RAG_EMBEDDING_MODEL"] = env.get("RAG_EMBEDDING_MODEL") or cls.RAG_EMBEDDING_MODEL
+        cfg["RAG_EXACT_CACHE_MB"] = _int(env, "RAG_EXACT_CACHE_MB", cls.RAG_EXACT_CACHE_MB, 1)
         cfg["POLICY_PHONE_REGIONS"] = env.get("POLICY_PHONE_REGIONS") or cls.POLICY_PHONE_REGIONS
         cfg["AUDIT_ENABLED"] = _bool(env, "AUDIT_ENABLED", cls.AUDIT_ENABLED)
         cfg["AUDIT_JOURNAL"] = _bool(env, "AUDIT_JOURNAL", cls.AUDIT_JOURNAL)

@@ -54,9 +54,13 @@ BUSINESS_REFUSALS: dict[str, tuple[str, ...]] = {
     # Tensors are checked against the model's own metadata (names, shapes, datatypes).
     "POST /v2/models/{name}/infer": ("400",),
     "POST /v2/models/{name}/versions/{version}/infer": ("400",),
+    # RAG chat: the model's own limits (context length, a model that can't chat) are 400s, and a
+    # conversation without a user message with text has no query to retrieve with (422).
+    "POST /v1/rag/chat": ("400", "422"),
     # A cursor is opaque: only a `next_cursor` this API returned names a position (400 otherwise).
     **dict.fromkeys(
         [
+            "GET /v1/collections",
             "GET /v1/governance/audit",
             "GET /v1/governance/keys",
             "GET /v1/governance/policies/versions",
@@ -79,6 +83,26 @@ READINESS = [
 # would revoke the run's own admin key or deactivate the platform tenant; every other phase
 # sends made-up ids, which answer 404.
 SELF_DESTRUCTIVE = ["POST /v1/governance/keys/{key_id}/revoke", "PATCH /v1/governance/tenants/{tenant_id}"]
+
+
+def _integers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_integers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _integers(item) for key, item in value.items()}
+    return value
+
+
+@schemathesis.hook
+def before_call(ctx: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    """JSON Schema counts 44.0 as an integer, so schemathesis may send it for an `integer` field;
+    our strict integers refuse a decimal point, as OpenAI's API does (test_wire_conformance). 44 is
+    the same JSON Schema instance, so every case keeps its meaning, positive or negative, and
+    the fuzzer sends that spelling."""
+    if isinstance(case.body, dict | list):
+        case.body = _integers(case.body)
 
 
 @schemathesis.check

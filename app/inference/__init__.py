@@ -5,7 +5,9 @@ from flask import Response, g
 from app.api import GatewayBlueprint
 
 blp = GatewayBlueprint(
-    "inference", __name__, description="OpenAI-compatible and Open Inference Protocol (v2) model serving."
+    "inference",
+    __name__,
+    description="OpenAI-compatible and Open Inference Protocol (v2) model serving, and RAG over collections.",
 )
 
 
@@ -18,3 +20,4 @@ def served_version(response: Response) -> Response:
 
 
 from app.inference import fanout, openai_api, v2  # noqa: E402, F401  (register the routes)
+from app.inference.rag import chat, collections  # noqa: E402, F401

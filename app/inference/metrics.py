@@ -28,3 +28,10 @@ BATCH_SIZE = Histogram(
 ERRORS = Counter("gateway_model_errors_total", "Failed model calls by error code.", (*LABELS, "code"))
 IN_USE = Gauge("gateway_model_slots_in_use", "Model slots busy.", LABELS, multiprocess_mode="livesum")
 QUEUED = Gauge("gateway_model_queue_depth", "Calls waiting for a slot.", LABELS, multiprocess_mode="livesum")
+RAG_RETRIEVAL = Histogram(
+    "gateway_rag_retrieval_seconds",
+    "Time a vector store took to find a query's nearest chunks (the query already embedded).",
+    ("store",),
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+RAG_CHUNKS = Counter("gateway_rag_chunks_ingested_total", "Chunks embedded and stored.", ("store",))

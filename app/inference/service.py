@@ -31,7 +31,7 @@ from app.governance.policies import engine as policies
 from app.governance.policies.engine import Decision, PolicyViolation
 from app.identity import quota
 from app.identity.principal import Principal
-from app.inference.backends.base import CHAT_OPTIONS, ChatRequest, text_input
+from app.inference.backends.base import CHAT_OPTIONS, ChatRequest, EmbeddingResult, text_input
 from app.inference.catalogue import catalogue
 from app.inference.offload import run_in_thread
 from app.inference.runtime import ModelRuntime
@@ -54,7 +54,7 @@ def token_bound(texts: list[str]) -> int:
     return sum(len(t.encode()) + MESSAGE_OVERHEAD_TOKENS for t in texts)
 
 
-def _require(runtime: ModelRuntime, capability: str) -> None:
+def require_capability(runtime: ModelRuntime, capability: str) -> None:
     runtime.check_ready()
     if capability not in runtime.backend.capabilities:
         raise reject(
@@ -218,7 +218,7 @@ def _route(principal: Principal, body: dict[str, Any]) -> ModelRuntime:
 def run_chat(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
     """A non-streamed chat completion, as a JSON-ready dict."""
     runtime = _route(principal, body)
-    _require(runtime, "chat")
+    require_capability(runtime, "chat")
     request, prompt_tokens, decision = _chat_request(principal, runtime, body)
     reservation = quota.reserve(principal, _chat_need(request, prompt_tokens))
     try:
@@ -262,7 +262,7 @@ def chat_completion(principal: Principal, body: dict[str, Any]) -> dict[str, Any
     if not body.get("stream"):
         return run_chat(principal, body)
     runtime = _route(principal, body)
-    _require(runtime, "chat")
+    require_capability(runtime, "chat")
     request, prompt_tokens, decision = _chat_request(principal, runtime, body)
     reservation = quota.reserve(principal, _chat_need(request, prompt_tokens))
     try:
@@ -301,9 +301,34 @@ def chat_completion(principal: Principal, body: dict[str, Any]) -> dict[str, Any
 
 
 # embeddings ----------------------------------------------------------------------------------
+def embed_texts(
+    principal: Principal, runtime: ModelRuntime, texts: list[str], dimensions: int | None = None
+) -> tuple[EmbeddingResult, list[str]]:
+    """The governed core of every embedding call (the embeddings API, RAG ingestion and questions):
+    the tenant's policy, a quota reservation settled to the tokens embedded, the model call and
+    drift. Returns the result and the texts the model saw (redacted where the policy redacts).
+    The input is noted before the model runs, so a failed call's record is of the redacted texts
+    too; a caller embedding several batches for one request notes the whole input and the tokens
+    when it is done."""
+    with _audited_policy():
+        decision = policies.check_texts(principal, runtime.name, texts)
+    _note_decision(decision)
+    texts = decision.texts or texts
+    audit.note(input=texts)
+    reservation = quota.reserve(principal, token_bound(texts))
+    try:
+        result = runtime.embed(texts, dimensions)
+    except BaseException:
+        reservation.release()
+        raise
+    reservation.settle(result.prompt_tokens)
+    drift.observe_texts(principal.tenant_id, runtime.name, runtime.spec.version, texts, result.vectors)
+    return result, texts
+
+
 def run_embeddings(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
     runtime = _route(principal, body)
-    _require(runtime, "embeddings")
+    require_capability(runtime, "embeddings")
     texts: list[str] = body["input"]
     max_inputs = int(runtime.spec.limit("max_inputs", 256))
     if not texts:
@@ -324,20 +349,8 @@ def run_embeddings(principal: Principal, body: dict[str, Any]) -> dict[str, Any]
                 f"Input is {len(text)} characters; the limit is {max_chars}.",
                 "context_length_exceeded",
             )
-    with _audited_policy():
-        decision = policies.check_texts(principal, runtime.name, texts)
-    _note_decision(decision)
-    texts = decision.texts or texts
-    audit.note(input=texts)
-    reservation = quota.reserve(principal, token_bound(texts))
-    try:
-        result = runtime.embed(texts, body.get("dimensions"))
-    except BaseException:
-        reservation.release()
-        raise
-    reservation.settle(result.prompt_tokens)
+    result, texts = embed_texts(principal, runtime, texts, body.get("dimensions"))
     audit.note(tokens_in=result.prompt_tokens, tokens_out=0)
-    drift.observe_texts(principal.tenant_id, runtime.name, runtime.spec.version, texts, result.vectors)
     encode_base64 = body.get("encoding_format") == "base64"
     data = []
     for index, vector in enumerate(np.asarray(result.vectors, dtype=np.float32)):
@@ -421,7 +434,7 @@ def run_infer(principal: Principal, name: str, version: str | None, body: dict[s
     )
     g.served_model = f"{runtime.name}/{runtime.spec.version}"
     audit.note(model=runtime.name, model_version=runtime.spec.version)
-    _require(runtime, "infer")
+    require_capability(runtime, "infer")
     backend = runtime.backend
     arrays, seen = _apply_policy(principal, runtime, body["inputs"])
     audit.note(input=seen)
