@@ -40,7 +40,8 @@ $(BENCH_STAMP): $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
 
-# About 30 minutes: every system, every scenario, then the local-model and audit benchmarks.
+# Over an hour: every system, every scenario, then the local-model, audit and companion benchmarks
+# (tuning, two instances, liveness, RAG, the 30-minute soak) and a random-seed fuzz run.
 bench: $(BENCH_STAMP)
 	$(PY) -m bench.run --all
 	$(PY) -m bench.inference_bench
@@ -49,6 +50,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.two_instances
 	$(PY) -m bench.liveness
 	$(PY) -m bench.rag_bench
+	$(PY) -m bench.soak
 	$(MAKE) fuzz
 
 # Schemathesis with a random seed and 100 examples per operation (CI runs a fixed seed and 10);
