@@ -154,6 +154,7 @@ class BaseConfig:
     BATCH_FILE_MAX_BYTES = 8 * 1024 * 1024
     BATCH_MAX_LINES = 50_000
     BATCH_VISIBILITY_TIMEOUT_S = 300.0
+    BATCH_WORKER_CONCURRENCY = 1  # pool processes per worker (each runs one line at a time)
 
     # flask-smorest / OpenAPI: documentation is only served when the prefix is set.
     API_TITLE = "flask-ai-gateway"
@@ -240,6 +241,9 @@ class BaseConfig:
         cfg["BATCH_MAX_LINES"] = _int(env, "BATCH_MAX_LINES", cls.BATCH_MAX_LINES, 1)
         cfg["BATCH_VISIBILITY_TIMEOUT_S"] = _float(
             env, "BATCH_VISIBILITY_TIMEOUT", cls.BATCH_VISIBILITY_TIMEOUT_S
+        )
+        cfg["BATCH_WORKER_CONCURRENCY"] = _int(
+            env, "BATCH_WORKER_CONCURRENCY", cls.BATCH_WORKER_CONCURRENCY, 1
         )
         if float(cfg["BATCH_VISIBILITY_TIMEOUT_S"]) < 2:  # type: ignore[arg-type]
             raise ConfigError("BATCH_VISIBILITY_TIMEOUT", "must be >= 2 seconds")

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             "--queues",
             queue.QUEUE,
             "--concurrency",
-            concurrency,
+            str(SETTINGS["BATCH_WORKER_CONCURRENCY"]),
             "--pool",
             "prefork",
             "--hostname",
