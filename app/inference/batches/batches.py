@@ -142,11 +142,11 @@ def get_batch(batch_id: str) -> dict[str, Any]:
 @blp.alt_response(503, description=UNAVAILABLE)
 def cancel_batch(batch_id: str) -> dict[str, Any]:
     """Cancel a batch: lines not yet started are not run; it ends `cancelled` once running ones finish."""
-    queue.require_queue()
     locked = scoped_select(Batch).where(Batch.id == batch_id).with_for_update()
     batch = db.session.scalar(locked.execution_options(populate_existing=True))
     if batch is None:
         raise APIError(404, f"No batch with id {batch_id!r}.")
+    queue.require_queue()
     if batch.status in TERMINAL - {"cancelled"}:
         db.session.rollback()
         raise APIError(409, f"The batch has already {batch.status.replace('_', ' ')}; it can't be cancelled.")

@@ -49,10 +49,20 @@ def _too_large(limit: int) -> APIError:
 
 
 def upload_limit(view: F) -> F:
-    """Let this one route read a body above MAX_CONTENT_LENGTH, up to the file limit."""
+    """Let this one route read a multipart body above MAX_CONTENT_LENGTH, up to the file limit;
+    any other body keeps the usual limit, and is refused as the wrong media type."""
 
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if request.mimetype != "multipart/form-data":
+            ceiling = current_app.config.get("MAX_CONTENT_LENGTH")
+            if ceiling and (request.content_length or 0) > ceiling:
+                raise APIError(413, f"The request body is larger than this gateway's limit of {ceiling} bytes.")
+            raise APIError(
+                415,
+                "Upload the file as multipart/form-data, with the fields `file` and `purpose`.",
+                param="file",
+            )
         limit = int(current_app.config["BATCH_FILE_MAX_BYTES"])
         request.max_content_length = limit + MULTIPART_SLACK
         try:
@@ -90,6 +100,7 @@ def newest_first(stmt: Select, model: type[Any], limit: int, after: str | None) 
 @blp.arguments(FileUploadSchema, location="files", error_status_code=400)
 @blp.response(200, FileSchema)
 @blp.alt_response(413, description="The file is larger than BATCH_FILE_MAX_BYTES.")
+@blp.alt_response(415, description="The body is not multipart/form-data.")
 def upload_file(form: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
     """Upload a file (multipart: `file`, `purpose=batch`)."""
     upload: FileStorage = files["file"]
