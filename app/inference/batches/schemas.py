@@ -46,16 +46,15 @@ def unix(moment: datetime | None) -> int | None:
 
 
 # files ---------------------------------------------------------------------------------------
-class FileUploadFormSchema(ma.Schema):
+class FileUploadSchema(Strict):
+    """The multipart body of an upload: the file, and its purpose as a plain form field."""
+
+    file = Upload(required=True, metadata={"description": "The JSONL file (UTF-8, one request a line)."})
     purpose = ma.fields.String(
         required=True,
         validate=ma.validate.OneOf(UPLOAD_PURPOSES),
         metadata={"description": "`batch`: a JSONL file of requests for POST /v1/batches."},
     )
-
-
-class FileUploadSchema(ma.Schema):
-    file = Upload(required=True, metadata={"description": "The JSONL file (UTF-8, one request a line)."})
 
 
 class FileSchema(ma.Schema):
