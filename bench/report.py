@@ -601,14 +601,14 @@ def write(out: Path) -> None:
     with_companions(out)
 
 
-COMPANIONS = ("TUNING.md", "TWO_INSTANCES.md", "LIVENESS.md")
+COMPANIONS = ("TUNING.md", "TWO_INSTANCES.md", "LIVENESS.md", "BATCH.md")
 COMPANIONS_HEADING = "## Companion benchmarks"
 
 
 def with_companions(out: Path) -> None:
-    """End REPORT.md with the companion reports (gunicorn tuning, two instances, liveness). Their
-    own scripts run after the main one in `make bench` and call this again, so the section is
-    rewritten each time with whatever companion files exist."""
+    """End REPORT.md with the companion reports (gunicorn tuning, two instances, liveness, batch
+    throughput). Their own scripts run after the main one in `make bench` and call this again, so
+    the section is rewritten each time with whatever companion files exist."""
     path = out / "REPORT.md"
     text = path.read_text() if path.exists() else "# Benchmark report\n"
     parts = [text.split("\n" + COMPANIONS_HEADING)[0].rstrip(), "", COMPANIONS_HEADING, ""]
