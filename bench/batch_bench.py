@@ -170,8 +170,42 @@ def report(doc: dict[str, Any]) -> str:
             "transactions (claim, record) and the batch row lock, so a worker's rate is bounded by its own",
             "CPU and the database round trips, not by the upstream's latency alone.",
             "",
+            *queue_choice(),
         ]
     )
+
+
+def queue_choice() -> list[str]:
+    """The RQ-or-Celery measurement (bench/queue_choice.py), when its results are there."""
+    path = RESULTS / "queue_choice.json"
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    lines = [
+        "## RQ or Celery",
+        "",
+        f"`{doc['command']}` on commit {doc['commit']} on {doc['date']} (Redis {doc['redis']}):",
+        "",
+        "| engine | trivial jobs | seconds | jobs/s | SIGKILLed mid-job: run again? | after (s) | attempts |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for name in ("rq-Worker", "rq-SimpleWorker", "celery-prefork-c1"):
+        run = doc[f"throughput:{name}"]
+        kill = doc.get(f"kill:{name}")
+        killed = (
+            "not measured (forks per job)"
+            if kill is None
+            else ("yes" if kill["rerun"] else "no, within 150 s")
+        )
+        after = (
+            ""
+            if not kill or kill["seconds_to_done_after_kill"] is None
+            else kill["seconds_to_done_after_kill"]
+        )
+        attempts = "" if kill is None else kill["attempts"]
+        cells = [name, run["jobs"], run["seconds"], run["jobs_per_s"], killed, after, attempts]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -172,10 +172,17 @@ def kill(engine: str, timeout_s: float) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="300 jobs (about 2 minutes in all)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "queue_choice.json")
     args = parser.parse_args(argv)
     jobs = 300 if args.quick else 2000
-    results: dict[str, object] = {"redis": REDIS_URL, "quick": args.quick}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    results: dict[str, object] = {
+        "command": "python -m bench.queue_choice" + (" --quick" if args.quick else ""),
+        "commit": commit.stdout.strip(),
+        "date": time.strftime("%Y-%m-%dT%H:%M UTC", time.gmtime()),
+        "redis": REDIS_URL,
+        "quick": args.quick,
+    }
     for engine in ("Worker", "SimpleWorker", "celery"):
         name = "celery-prefork-c1" if engine == "celery" else f"rq-{engine}"
         results[f"throughput:{name}"] = throughput(engine, jobs)
@@ -184,8 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         name = "celery-prefork-c1" if engine == "celery" else f"rq-{engine}"
         results[f"kill:{name}"] = kill(engine, 150)
         print(name, results[f"kill:{name}"], flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 import marshmallow as ma
 import structlog
 from flask import current_app, g, jsonify
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -110,6 +110,11 @@ def _claim(batch_id: str, number: int) -> tuple[Batch, BatchLine] | Outcome | No
         )
     row.attempts += 1
     row.started_at = utcnow()
+    if db.session.get_bind().dialect.name == "postgresql":
+        # The claim needn't wait for its WAL flush: a crash that loses it loses an attempt count
+        # and an in-flight mark, never a result (the record's commit stays synchronous). One
+        # fsync fewer per line.
+        db.session.execute(text("SET LOCAL synchronous_commit TO OFF"))
     db.session.commit()
     return batch, row
 
