@@ -30,7 +30,7 @@ from app.governance.audit.models import AuditRecord
 from app.identity.models import TokenUsage
 from app.inference.batches import queue
 from app.inference.batches.models import BatchLine
-from bench.upstream_sim import Simulator, run_simulator
+from bench.upstream_sim import Simulator, pseudo_embedding, run_simulator
 from config import normalise_database_url
 from tests import support
 from tests.support import ROOT, GunicornServer
@@ -251,6 +251,100 @@ def test_a_line_delivered_again_is_recorded_and_billed_once(app, client, keys, r
         assert list(attempts) == [1, 2, 1]
         billed = db.session.scalar(select(func.sum(TokenUsage.tokens)))
     assert billed == sum(o["response"]["body"]["usage"]["total_tokens"] for o in output)
+
+
+def run_all(app: Any, batch_id: str, count: int) -> None:
+    """Deliver every line once, in order, as a worker would (the test process is the worker)."""
+    from app.inference.batches import execution
+
+    for line in range(1, count + 1):
+        with app.app_context():
+            execution.run_line(batch_id, line)
+
+
+def results(client: Any, headers: dict[str, str], batch: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = {}
+    for file_id in (batch["output_file_id"], batch["error_file_id"]):
+        if file_id is not None:
+            content = client.get(f"/v1/files/{file_id}/content", headers=headers).data
+            found |= {item["custom_id"]: item for item in map(json.loads, content.splitlines())}
+    return found
+
+
+@pytest.mark.redis
+def test_policy_and_quota_apply_per_line(app, client, keys, database_url, redis_url, sim):
+    """A line the tenant's policy blocks, and lines past the tenant's token quota, fail on their
+    own (in the error file) while the others are answered; only answered lines are billed."""
+    queue.beat(redis.Redis.from_url(redis_url), "test-worker")
+    admin = {"Authorization": f"Bearer {support.issue_key(database_url, 'acme', ('governance:write',))}"}
+    policy = {"rules": {"pii": {"email": "block"}}}
+    assert client.put("/v1/governance/policies", headers=admin, json=policy).status_code == 201
+    leaking = {
+        **chat_line(2),
+        "body": {**chat_line(2)["body"], "messages": [{"role": "user", "content": "a@b.com"}]},
+    }
+    items = [chat_line(1), leaking, chat_line(3)]
+    batch = create(
+        client, keys["acme"], upload(client, keys["acme"], jsonl(items)).get_json()["id"]
+    ).get_json()
+    run_all(app, batch["id"], 3)
+    done = client.get(f"/v1/batches/{batch['id']}", headers=keys["acme"]).get_json()
+    assert done["status"] == "completed" and done["request_counts"] == {
+        "total": 3,
+        "completed": 2,
+        "failed": 1,
+    }
+    found = results(client, keys["acme"], done)
+    blocked = found["req-2"]["response"]
+    assert (
+        blocked["status_code"] == 400 and blocked["body"]["error"]["code"] and found["req-2"]["error"] is None
+    )
+    assert sim.stats()["by_path"][CHAT] == 2  # the blocked line never reached the model
+
+    # 60 tokens a day; each line reserves 34 (18 bytes of prompt + 8, and max_tokens 16) and uses 18.
+    quota = {"Authorization": f"Bearer {support.issue_key(database_url, 'initech', token_quota=60)}"}
+    items = [{**chat_line(15), "custom_id": f"q{n}"} for n in range(4)]
+    batch = create(client, quota, upload(client, quota, jsonl(items)).get_json()["id"]).get_json()
+    run_all(app, batch["id"], 4)
+    done = client.get(f"/v1/batches/{batch['id']}", headers=quota).get_json()
+    assert done["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+    found = results(client, quota, done)
+    assert [found[f"q{n}"]["response"]["status_code"] for n in range(4)] == [200, 200, 429, 429]
+    assert found["q3"]["response"]["body"]["error"]["code"] == "insufficient_quota"
+    answered = sum(found[f"q{n}"]["response"]["body"]["usage"]["total_tokens"] for n in range(2))
+    with app.app_context():
+        from app.extensions import db
+        from app.identity.models import Tenant
+
+        tenant = db.session.scalar(select(Tenant.id).where(Tenant.name == "initech"))
+        assert db.session.scalar(select(TokenUsage.tokens).where(TokenUsage.tenant_id == tenant)) == answered
+
+
+@pytest.mark.redis
+def test_an_embeddings_batch_answers_as_the_route_does(app, client, keys, redis_url):
+    queue.beat(redis.Redis.from_url(redis_url), "test-worker")
+    texts = ["first text", "second text", "a third"]
+    items = [
+        {
+            "custom_id": f"e{n}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "upstream-chat", "input": text},
+        }
+        for n, text in enumerate(texts)
+    ]
+    file_id = upload(client, keys["acme"], jsonl(items)).get_json()["id"]
+    batch = create(client, keys["acme"], file_id, endpoint="/v1/embeddings").get_json()
+    run_all(app, batch["id"], 3)
+    done = client.get(f"/v1/batches/{batch['id']}", headers=keys["acme"]).get_json()
+    assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    found = results(client, keys["acme"], done)
+    for n, text in enumerate(texts):
+        direct = client.post("/v1/embeddings", headers=keys["acme"], json=items[n]["body"]).get_json()
+        body = found[f"e{n}"]["response"]["body"]
+        assert body["object"] == "list" and body["usage"] == direct["usage"]
+        assert body["data"][0]["embedding"] == pytest.approx(pseudo_embedding(text, 384), rel=1e-6)
+        assert body["data"][0]["embedding"] == direct["data"][0]["embedding"]
 
 
 # real processes ------------------------------------------------------------------------------
