@@ -99,6 +99,11 @@ def sim() -> Any:
         yield simulator
 
 
+@pytest.fixture(autouse=True)
+def fresh_counts(sim: Simulator) -> None:
+    sim.reset()
+
+
 @pytest.fixture
 def app_env(redis_url: str, sim: Simulator, tmp_path: Path) -> dict[str, str]:
     return {
