@@ -33,7 +33,7 @@ import sys
 import threading
 
 import structlog
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 from flask import Flask
 from redis import Redis
 from redis.exceptions import RedisError
@@ -72,6 +72,15 @@ def _build_app(**_: object) -> None:
     from app import create_app
 
     _app = create_app({"MODELS_LOAD": "eager"})
+
+
+@worker_process_shutdown.connect
+def _flush(**_: object) -> None:
+    """A pool process leaves without running atexit hooks: flush its buffered audit records here."""
+    if _app is not None:
+        from app.governance import audit
+
+        audit.shutdown(_app)
 
 
 @celery_app.task(name=queue.RUN_LINE)
