@@ -182,9 +182,8 @@ def queue_choice() -> list[str]:
         return []
     doc = json.loads(path.read_text())
     lines = [
-        "## RQ or Celery",
-        "",
-        f"`{doc['command']}` on commit {doc['commit']} on {doc['date']} (Redis {doc['redis']}):",
+        f"**RQ or Celery** (app/inference/batches/worker.py): `{doc['command']}` on commit {doc['commit']}"
+        f" on {doc['date']} (Redis {doc['redis']}), one worker:",
         "",
         "| engine | trivial jobs | seconds | jobs/s | SIGKILLed mid-job: run again? | after (s) | attempts |",
         "|---|---:|---:|---:|---|---:|---:|",
