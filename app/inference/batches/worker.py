@@ -6,17 +6,17 @@ pool process builds the gateway app once, after the fork, with its models loaded
 line must not fail because a model was still loading); the parent process only consumes.
 
 Why Celery and not RQ, measured with `python -m bench.queue_choice --quick` (one worker, Redis
-on loopback, 2-core machine shared with other work; bench/results/BATCH.md has the table):
+on loopback, 2-core machine shared with other work; the table is in bench/results/BATCH.md):
 
-- Per-job overhead: 300 trivial jobs through one worker took 37.6 s with RQ's default `Worker`
-  (8 jobs/s: it forks a process per job, and a fork of a process holding the gateway app would
-  also have to rebuild its pools and models every job), 1.3 s with RQ's `SimpleWorker` (224/s)
-  and 1.4 s with Celery's prefork pool of one (216/s). A tie once RQ stops forking.
+- Per-job overhead: 200 trivial jobs through one worker took 15.9 s with RQ's default `Worker`
+  (12.6 jobs/s: it forks a process per job, and a fork of a process holding the gateway app would
+  also rebuild its pools and reload its models every job), 0.8 s with RQ's `SimpleWorker`
+  (245/s) and 0.6 s with Celery's prefork pool of one (326/s). Close once RQ stops forking.
 - A worker SIGKILLed mid-job, a second one waiting: Celery (acks_late, visibility timeout 10 s)
-  ran the job again on the second worker 12.4 s after the kill, exactly once more. RQ never did
-  within 150 s: its job stays in the started registry until the job's heartbeat TTL (the
-  monitoring interval plus a fixed 60 s) has passed *and* some worker runs registry maintenance,
-  which a worker blocked waiting for jobs does only every several minutes.
+  ran the job again on the second worker 12.4 s after the kill, exactly once more. RQ had not
+  after 60 s (and, in an earlier run, after 150 s): its job stays in the started registry until
+  the job's heartbeat TTL (the monitoring interval plus a fixed 60 s) has passed *and* some worker
+  runs registry maintenance, which a worker blocked waiting for jobs does only every few minutes.
 
 So Celery: its acknowledgement after the work (`acks_late`), with the message handed back after
 `BATCH_VISIBILITY_TIMEOUT`, is exactly "a killed worker's line is run again". The visibility
