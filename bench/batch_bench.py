@@ -194,7 +194,7 @@ def queue_choice() -> list[str]:
         killed = (
             "not measured (forks per job)"
             if kill is None
-            else ("yes" if kill["rerun"] else "no, within 150 s")
+            else ("yes" if kill["rerun"] else f"no, within {kill['waited_s']:g} s")
         )
         after = (
             ""
