@@ -42,4 +42,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
 # Migrations and the default artifacts are idempotent; the entrypoint runs them, then gunicorn.
+# The batch worker is the same image with another command (deploy/compose.yaml's `worker`):
+#   docker run ... flask-ai-gateway python -m app.inference.batches.worker
 CMD ["sh", "-c", "flask db upgrade && flask models build-defaults --if-missing && exec gunicorn -c gunicorn.conf.py"]

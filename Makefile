@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run migrate test lint bench bench-quick fuzz clean
+.PHONY: install run worker migrate test lint bench bench-quick fuzz clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ run: migrate
 	$(FLASK) bootstrap
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py
 
+# The batch worker (app/inference/batches/worker.py): consumes the batch queue on the gateway's
+# REDIS_URL and database; run as many as you like, on any host that reaches both.
+worker: migrate
+	$(PY) -m app.inference.batches.worker
+
 test: $(STAMP)
 	$(PY) -m pytest
 
@@ -50,6 +55,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.two_instances
 	$(PY) -m bench.liveness
 	$(PY) -m bench.rag_bench
+	$(PY) -m bench.batch_bench
 	$(PY) -m bench.soak
 	$(MAKE) fuzz
 

@@ -10,6 +10,7 @@ import marshmallow as ma
 from flask_smorest import Api, Blueprint
 from webargs import core
 from webargs.flaskparser import FlaskParser, abort
+from werkzeug.datastructures import CombinedMultiDict
 from werkzeug.exceptions import HTTPException
 
 from app.errors import ErrorResponseSchema, handle_http_exception
@@ -35,6 +36,12 @@ class StrictJsonParser(FlaskParser):
         if data is core.missing and schema in self._body_required:
             raise ma.ValidationError("A JSON request body is required.")
         return data
+
+    def load_files(self, req: flask.Request, schema: ma.Schema) -> Any:
+        """A multipart body as one mapping, its files and its plain fields together: flask-smorest
+        documents one schema per request body, and an upload such as OpenAI's (`file` beside
+        `purpose`) needs both in it, or the document would drop one of them."""
+        return self._makeproxy(CombinedMultiDict([req.files, req.form]), schema)
 
     def _raw_load_json(self, req: flask.Request) -> Any:
         if not core.is_json(req.mimetype):

@@ -128,6 +128,18 @@ def flatten_messages(messages: Any, prefix: str = "", top: bool = True) -> list[
     return found
 
 
+def validation_error(
+    status: int, messages: Any, fallback: str = "Invalid request.", headers: Mapping[str, str] | None = None
+) -> APIError:
+    """marshmallow's messages as one APIError naming the first offending field (all in `details`):
+    for the routes' webargs errors and for a batch line validated by the same schema."""
+    details = flatten_messages(messages)
+    first = details[0] if details else {"param": None, "message": fallback}
+    text = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
+    code = "unknown_parameter" if first["message"] == UNKNOWN_PARAMETER else "validation_error"
+    return APIError(status, text, code=code, param=first["param"], details=details, headers=headers)
+
+
 def handle_http_exception(error: HTTPException) -> Response:
     """Every werkzeug/flask-smorest/flask-limiter HTTP error, in our shape."""
     status = error.code or 500
@@ -142,13 +154,7 @@ def handle_http_exception(error: HTTPException) -> Response:
             400, "The request body is not valid JSON.", code="invalid_json", headers=headers
         ).response()
     if messages:
-        details = flatten_messages(messages)
-        first = details[0] if details else {"param": None, "message": message}
-        text = f"{first['param']}: {first['message']}" if first["param"] else first["message"]
-        code = "unknown_parameter" if first["message"] == UNKNOWN_PARAMETER else "validation_error"
-        return APIError(
-            status, text, code=code, param=first["param"], details=details, headers=headers
-        ).response()
+        return validation_error(status, messages, message, headers).response()
     if status >= 500:
         log.error("http_error", status=status, error=message)
         message = error.name if status == 500 else message

@@ -162,7 +162,7 @@ def _register_extensions(app: Flask) -> None:
     from app import admission, docs, health, identity, observability, tracing
     from app.extensions import api, db, jwt, limiter, metrics, migrate, redis_store
     from app.governance import audit, drift
-    from app.inference import catalogue, rag
+    from app.inference import batches, catalogue, rag
 
     observability.init_app(app)
     admission.init_app(app)
@@ -184,6 +184,7 @@ def _register_extensions(app: Flask) -> None:
     identity.init_app(app)
     catalogue.init_app(app)
     rag.init_app(app)
+    batches.init_app(app)
     drift.init_app(app)
     audit.init_app(app)
 

@@ -15,6 +15,10 @@ from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 from redis import Redis
@@ -60,11 +64,30 @@ class RedisClient:
         return current_app.extensions.get("redis_client")
 
 
+# Collectors that read their values when /metrics is scraped (batch progress, from the database):
+# what they report is shared state no single process counts, so no sample file can hold it.
+scrape_collectors: list[Collector] = []
+
+
+class _MultiprocessMetrics(GunicornInternalPrometheusMetrics):
+    def generate_metrics(self, accept_header: str | None = None, names: list[str] | None = None):
+        """The library's multiprocess scrape (a fresh registry over the sample files, per scrape),
+        plus `scrape_collectors`, which it has no way to take."""
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        for collector in scrape_collectors:
+            registry.register(collector)
+        if names:
+            registry = registry.restricted_registry(names)
+        encoder, content_type = choose_encoder(accept_header)
+        return encoder(registry).decode("utf-8"), content_type
+
+
 def _metrics_class() -> type[PrometheusMetrics]:
     # Under gunicorn every worker writes its samples to PROMETHEUS_MULTIPROC_DIR and /metrics
     # aggregates them; a single process (python wsgi.py) keeps them in memory.
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return GunicornInternalPrometheusMetrics
+        return _MultiprocessMetrics
     return PrometheusMetrics
 
 

@@ -687,14 +687,14 @@ def write(out: Path) -> None:
     with_companions(out)
 
 
-COMPANIONS = ("TUNING.md", "TWO_INSTANCES.md", "LIVENESS.md", "SOAK.md", "RAG.md")
+COMPANIONS = ("TUNING.md", "TWO_INSTANCES.md", "LIVENESS.md", "SOAK.md", "RAG.md", "BATCH.md")
 COMPANIONS_HEADING = "## Companion benchmarks"
 
 
 def with_companions(out: Path) -> None:
-    """End REPORT.md with the companion reports (tuning, two instances, liveness, soak, RAG). Their
-    own scripts run after the main one in `make bench` and call this again, so the section is
-    rewritten each time with whatever companion files exist."""
+    """End REPORT.md with the companion reports (tuning, two instances, liveness, soak, RAG, batch
+    throughput). Their own scripts run after the main one in `make bench` and call this again, so
+    the section is rewritten each time with whatever companion files exist."""
     path = out / "REPORT.md"
     text = path.read_text() if path.exists() else "# Benchmark report\n"
     parts = [text.split("\n" + COMPANIONS_HEADING)[0].rstrip(), "", COMPANIONS_HEADING, ""]

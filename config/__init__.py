@@ -152,6 +152,14 @@ class BaseConfig:
     AUTH_FAILURE_LIMIT_PER_PREFIX = "50/minute"
     AUTH_KEY_CACHE_TTL_S = 30
     UPSTREAM_SIM = False
+    # Batch jobs (app/inference/batches): the largest file POST /v1/files takes, the most lines
+    # one batch may have, and how long a line may run before the queue hands it to another
+    # worker (it must exceed every model's deadline; it is also how soon a killed worker's line
+    # is retried).
+    BATCH_FILE_MAX_BYTES = 8 * 1024 * 1024
+    BATCH_MAX_LINES = 50_000
+    BATCH_VISIBILITY_TIMEOUT_S = 300.0
+    BATCH_WORKER_CONCURRENCY = 1  # pool processes per worker (each runs one line at a time)
 
     # flask-smorest / OpenAPI: documentation is only served when the prefix is set.
     API_TITLE = "flask-ai-gateway"
@@ -237,6 +245,16 @@ class BaseConfig:
                 raise ConfigError(name, f"must be one rate limit like '20/minute', got {cfg[name]!r}")
         cfg["AUTH_KEY_CACHE_TTL_S"] = _int(env, "AUTH_KEY_CACHE_TTL", cls.AUTH_KEY_CACHE_TTL_S, 0)
         cfg["UPSTREAM_TIMEOUT_S"] = _float(env, "UPSTREAM_TIMEOUT", 60.0)
+        cfg["BATCH_FILE_MAX_BYTES"] = _int(env, "BATCH_FILE_MAX_BYTES", cls.BATCH_FILE_MAX_BYTES, 1024)
+        cfg["BATCH_MAX_LINES"] = _int(env, "BATCH_MAX_LINES", cls.BATCH_MAX_LINES, 1)
+        cfg["BATCH_VISIBILITY_TIMEOUT_S"] = _float(
+            env, "BATCH_VISIBILITY_TIMEOUT", cls.BATCH_VISIBILITY_TIMEOUT_S
+        )
+        cfg["BATCH_WORKER_CONCURRENCY"] = _int(
+            env, "BATCH_WORKER_CONCURRENCY", cls.BATCH_WORKER_CONCURRENCY, 1
+        )
+        if float(cfg["BATCH_VISIBILITY_TIMEOUT_S"]) < 2:  # type: ignore[arg-type]
+            raise ConfigError("BATCH_VISIBILITY_TIMEOUT", "must be >= 2 seconds")
         cfg["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(
             str(cfg["SQLALCHEMY_DATABASE_URI"]),
             int(cfg["WORKER_CONNECTIONS"]),

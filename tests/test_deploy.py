@@ -99,7 +99,7 @@ def _resolved(environment: dict[str, str]) -> dict[str, str]:
     return {k: re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", secret, str(v)) for k, v in environment.items()}
 
 
-@pytest.mark.parametrize("name", [*GATEWAYS, "migrate"])
+@pytest.mark.parametrize("name", [*GATEWAYS, "migrate", "worker"])
 def test_gateway_services_use_only_settings_the_app_reads(name):
     service = _compose()["services"][name]
     env = _resolved(service["environment"])
@@ -115,7 +115,16 @@ def test_gateway_services_use_only_settings_the_app_reads(name):
 def test_compose_wiring_matches_the_services():
     compose = _compose()
     services = compose["services"]
-    expected = {*GATEWAYS, "migrate", "postgres", "redis", "prometheus", "grafana", "otel-collector"}
+    expected = {
+        *GATEWAYS,
+        "migrate",
+        "worker",
+        "postgres",
+        "redis",
+        "prometheus",
+        "grafana",
+        "otel-collector",
+    }
     assert expected <= set(services)
     postgres = services["postgres"]["environment"]
     host_ports = []
@@ -167,3 +176,18 @@ def test_compose_wiring_matches_the_services():
     dashboard = json.loads(DASHBOARD.read_text())
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {uid}
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def test_the_worker_service_runs_the_batch_worker_on_the_gateways_stores():
+    """The compose `worker` runs the module `make worker` runs, on the same database and queue."""
+    services = _compose()["services"]
+    worker = services["worker"]
+    command = worker["command"]
+    assert command[:2] == ["python", "-m"] and (ROOT / (command[2].replace(".", "/") + ".py")).is_file()
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(rf"^worker:.*\n\t\$\(PY\) -m {re.escape(command[2])}$", makefile, re.M), "make worker"
+    for key in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY"):
+        assert worker["environment"][key] == services["gateway-1"]["environment"][key], key
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert load_config(_resolved(worker["environment"]))["BATCH_WORKER_CONCURRENCY"] == 2

@@ -10,6 +10,11 @@ What this costs: a worker killed without a graceful stop loses at most that seco
 increments. Redis still counts them, so quotas hold; the ledger is only read to rebuild a counter
 Redis lost, and every request's tokens are also in its audit record, which is never dropped.
 A flush that fails (database down) keeps its sums and tries again on the next pass.
+
+A batch worker needs more than that: a line's usage must be written in the transaction that
+records the line's result, or a line the queue delivers again after a kill is billed twice (or,
+lost with the unflushed second, not at all). `capture()` collects the tokens settled inside it
+instead of queueing them, and `write(conn, captured)` adds them in the caller's transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import atexit
 import threading
 import weakref
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import structlog
 from flask import Flask
@@ -32,6 +40,24 @@ log = structlog.get_logger(__name__)
 
 Key = tuple[str, str]  # (tenant_id, period)
 _ledgers: weakref.WeakSet[UsageLedger] = weakref.WeakSet()
+_captured: ContextVar[Counter[Key] | None] = ContextVar("usage_captured", default=None)
+
+
+@contextmanager
+def capture() -> Iterator[Counter[Key]]:
+    """Tokens settled inside the block, by tenant and period, kept out of the periodic flush."""
+    captured: Counter[Key] = Counter()
+    token = _captured.set(captured)
+    try:
+        yield captured
+    finally:
+        _captured.reset(token)
+
+
+def write(conn: Connection, captured: Counter[Key]) -> None:
+    """Add captured tokens to the ledger inside the caller's transaction on `conn`."""
+    if captured:
+        _upsert(conn, captured)
 
 
 class UsageLedger:
@@ -46,7 +72,12 @@ class UsageLedger:
         _ledgers.add(self)
 
     def add(self, tenant_id: str, period: str, tokens: int) -> None:
-        """Count settled tokens; they reach the database on the next flush."""
+        """Count settled tokens; they reach the database on the next flush (or, inside `capture()`,
+        with the caller's own transaction)."""
+        captured = _captured.get()
+        if captured is not None:
+            captured[(tenant_id, period)] += tokens
+            return
         with self._lock:
             self._pending[(tenant_id, period)] += tokens
             start = not self._started

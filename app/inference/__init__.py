@@ -19,5 +19,5 @@ def served_version(response: Response) -> Response:
     return response
 
 
-from app.inference import fanout, openai_api, v2  # noqa: E402, F401  (register the routes)
+from app.inference import batches, fanout, openai_api, v2  # noqa: E402, F401  (register the routes)
 from app.inference.rag import chat, collections  # noqa: E402, F401
