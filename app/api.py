@@ -70,9 +70,17 @@ class GatewayBlueprint(Blueprint):
 
 def custom_field_schema(converter: Any, field: ma.fields.Field, **kwargs: Any) -> dict[str, Any]:
     """A custom field documents its own JSON Schema through `_jsonschema_type_mapping()` (OpenAI's
-    `input`: a string or a list of strings); without this apispec documents it as anything."""
+    `input`: a string or a list of strings); without this apispec documents it as anything. A
+    Dict's key rules become `propertyNames`, which apispec leaves out (batch `metadata` keys)."""
     mapping = getattr(field, "_jsonschema_type_mapping", None)
-    return mapping() if callable(mapping) else {}
+    if callable(mapping):
+        return mapping()
+    keys = getattr(field, "key_field", None) if isinstance(field, ma.fields.Dict) else None
+    if keys is not None:
+        names = converter.field2property(keys)
+        names = {k: v for k, v in names.items() if k in ("type", "minLength", "maxLength", "pattern", "enum")}
+        return {"propertyNames": names} if set(names) - {"type"} else {}
+    return {}
 
 
 class GatewayApi(Api):

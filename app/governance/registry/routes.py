@@ -18,7 +18,7 @@ from app.governance.registry import service as registry
 from app.governance.registry.models import VERSION_STATUSES, RegisteredModel
 from app.identity import scopes as sc
 from app.identity.principal import current_principal, require_scopes
-from app.inference.backends import backend_class
+from app.inference.backends import backend_class, families
 
 
 def _known_backend(family: str) -> None:
@@ -31,8 +31,12 @@ def _known_backend(family: str) -> None:
 class VersionSchema(ma.Schema):
     id = ma.fields.String(dump_only=True)
     version = ma.fields.String(required=True, validate=ma.validate.Length(min=1, max=64))
+    # The document lists the families installed when it is built (entry points); one registered
+    # later in-process is still accepted, by the validator, which asks at load time.
     backend = ma.fields.String(
-        required=True, validate=_known_backend, metadata={"example": "openai_compatible"}
+        required=True,
+        validate=_known_backend,
+        metadata={"example": "openai_compatible", "enum": families()},
     )
     params = ma.fields.Dict(load_default=dict)
     limits = ma.fields.Dict(load_default=dict)

@@ -9,7 +9,15 @@ from importlib.metadata import EntryPoint, entry_points
 
 from app.inference.backends.base import BACKENDS, Backend, ModelSpec, register_backend
 
-__all__ = ["BACKENDS", "ENTRY_POINT_GROUP", "Backend", "ModelSpec", "backend_class", "register_backend"]
+__all__ = [
+    "BACKENDS",
+    "ENTRY_POINT_GROUP",
+    "Backend",
+    "ModelSpec",
+    "backend_class",
+    "families",
+    "register_backend",
+]
 
 ENTRY_POINT_GROUP = "flask_ai_gateway.backends"
 
@@ -34,6 +42,11 @@ def _discover() -> None:
             _load(name, ep)
 
 
+def families() -> list[str]:
+    """Every family this process can serve: installed entry points and in-process registrations."""
+    return sorted(set(BACKENDS) | set(_entry_points()))
+
+
 def backend_class(family: str) -> type[Backend]:
     if family not in BACKENDS:
         ep = _entry_points().get(family)
@@ -42,5 +55,4 @@ def backend_class(family: str) -> type[Backend]:
     try:
         return BACKENDS[family]
     except KeyError:
-        known = sorted(set(BACKENDS) | set(_entry_points()))
-        raise ValueError(f"unknown backend {family!r}; known: {', '.join(known)}") from None
+        raise ValueError(f"unknown backend {family!r}; known: {', '.join(families())}") from None

@@ -120,7 +120,7 @@ class BatchCreateSchema(Strict):
         values=ma.fields.String(validate=ma.validate.Length(max=512)),
         allow_none=True,
         validate=_metadata,
-        metadata={"description": "Up to 16 string pairs, returned as given."},
+        metadata={"description": "Up to 16 string pairs, returned as given.", "maxProperties": 16},
     )
 
 
