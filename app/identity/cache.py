@@ -1,9 +1,10 @@
 """The per-process cache of verified credentials and tenant settings, and how it is invalidated.
 
-Verifying an API key costs one argon2 hash (about 30 ms of CPU, which blocks a gevent worker's
-hub), so a verified key is cached for AUTH_KEY_CACHE_TTL_S seconds, keyed by the SHA-256 of the
-presented key; 0 switches the cache off. Tenant settings (rate limit, quota) and credential
-status for JWTs are cached the same way to keep the request path free of database reads.
+Verifying an API key costs an indexed database read and a hash check (argon2, about 30 ms of CPU,
+for a legacy key not yet upgraded to HMAC), so a verified key is cached for AUTH_KEY_CACHE_TTL_S
+seconds, keyed by the SHA-256 of the presented key; 0 switches the cache off. Tenant settings (rate
+limit, quota) and credential status for JWTs are cached the same way to keep the request path free
+of database reads.
 
 Invalidation across workers: every change that must take effect at once (a key revoked, a tenant
 disabled or its limits changed) increments one revision counter in Redis after its database commit.
