@@ -20,7 +20,7 @@ from prometheus_client import Gauge
 from app import tracing
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 IN_FLIGHT = Gauge(
     "gateway_http_requests_in_flight",
@@ -36,7 +36,7 @@ def request_id() -> str | None:
     rid = g.get("request_id")
     if rid is None:
         supplied = request.headers.get(REQUEST_ID_HEADER)
-        rid = supplied if supplied and _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        rid = supplied if supplied and VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
         g.request_id = rid
     return rid
 
