@@ -116,8 +116,10 @@ class BaseConfig:
     WORKER_CONNECTIONS = 1000
     CHEAP_ROUTE_CONCURRENCY = 4
     # Worker admission (app/admission.py): requests being worked on, and those waiting for a turn.
-    MAX_IN_FLIGHT = 512
-    MAX_PENDING = 512
+    # Unset, they are half and a quarter of WORKER_CONNECTIONS: the gate can only shed below
+    # gunicorn's own ceiling, and the rest of the connections stay free for the probes and streams.
+    MAX_IN_FLIGHT: int | None = None
+    MAX_PENDING: int | None = None
     MAX_PENDING_WAIT_S = 2.0
     DB_MAX_CONNECTIONS = 20
     LOG_FORMAT = "json"
@@ -193,8 +195,9 @@ class BaseConfig:
         cfg["WEB_CONCURRENCY"] = _int(env, "WEB_CONCURRENCY", cls.WEB_CONCURRENCY, 1)
         cfg["WORKER_CONNECTIONS"] = _int(env, "WORKER_CONNECTIONS", cls.WORKER_CONNECTIONS, 1)
         cfg["CHEAP_ROUTE_CONCURRENCY"] = _int(env, "CHEAP_ROUTE_CONCURRENCY", cls.CHEAP_ROUTE_CONCURRENCY, 1)
-        cfg["MAX_IN_FLIGHT"] = _int(env, "MAX_IN_FLIGHT", cls.MAX_IN_FLIGHT, 1)
-        cfg["MAX_PENDING"] = _int(env, "MAX_PENDING", cls.MAX_PENDING, 0)
+        connections = int(cfg["WORKER_CONNECTIONS"])  # type: ignore[call-overload]
+        cfg["MAX_IN_FLIGHT"] = _int(env, "MAX_IN_FLIGHT", cls.MAX_IN_FLIGHT or max(1, connections // 2), 1)
+        cfg["MAX_PENDING"] = _int(env, "MAX_PENDING", cls.MAX_PENDING or connections // 4, 0)
         cfg["MAX_PENDING_WAIT_S"] = _float(env, "MAX_PENDING_WAIT", cls.MAX_PENDING_WAIT_S)
         if float(cfg["MAX_PENDING_WAIT_S"]) < 0:  # type: ignore[arg-type]
             raise ConfigError("MAX_PENDING_WAIT", "must be >= 0 seconds")
