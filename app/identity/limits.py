@@ -15,14 +15,34 @@ When Redis is unreachable, RATELIMIT_FAIL_OPEN decides (it sets RATELIMIT_SWALLO
 - false: the request is refused with 503 `rate_limit_unavailable` and Retry-After, for operators
   who would rather stop than serve unmetered.
 The in-memory fallback is not used: it counts per process, so N workers would admit N times the limit.
+
+One round trip for both buckets. flask-limiter makes one Redis call per limit it hits and a third,
+after the view, for the X-RateLimit-* window: three round trips, about half of the rate-limit
+step's CPU. With its Redis storage and the moving window (the defaults here), `check()` instead
+runs one script beside it, `_MOVING_WINDOW_HITS`, that does what limits' own
+acquire_moving_window.lua and moving_window.lua do, on the same keys (built by the same
+`RateLimitItem.key_for` and `prefixed_key`), for every limit in flask-limiter's order, stopping at
+the first breach as flask-limiter does, and returns each window; the windows are handed to
+flask-limiter's request context, so its header hook writes the headers without asking Redis again.
+flask-limiter stays the configuration surface (limit strings, RATELIMIT_* settings, storage,
+strategy, headers, the 429 it raises); any other storage or strategy goes through flask-limiter
+unchanged.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
 
-from flask import current_app, g
+from flask import Flask, current_app, g
+from flask_limiter import RequestLimit
+from flask_limiter.errors import RateLimitExceeded
 from flask_limiter.util import get_remote_address
+from limits import RateLimitItem, parse_many
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
+from limits.util import WindowStats
 from redis.exceptions import RedisError
 
 from app import tracing
@@ -70,6 +90,56 @@ def _enforce_token_endpoint_limit() -> None:
     """Empty, as above; keyed by client address because the caller is not authenticated yet."""
 
 
+# KEYS: one list per limit; ARGV: now, then limit and expiry per key. Per limit, limits'
+# acquire_moving_window.lua (cost 1) and then moving_window.lua's window; stops after a breach.
+_MOVING_WINDOW_HITS = """
+local now = tonumber(ARGV[1])
+local out = {}
+for i = 1, #KEYS do
+  local key, limit, expiry = KEYS[i], tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local acquired = 0
+  if limit >= 1 then
+    local entry = redis.call('lindex', key, limit - 1)
+    if not (entry and tonumber(entry) >= now - expiry) then
+      redis.call('lpush', key, now)
+      redis.call('ltrim', key, 0, limit - 1)
+      redis.call('expire', key, expiry)
+      acquired = 1
+    end
+  end
+  local low, high, index = 0, limit - 1, nil
+  while low <= high do
+    local mid = math.floor((low + high) / 2)
+    local value = tonumber(redis.call('lindex', key, mid))
+    if value and value >= now - expiry then index = mid; low = mid + 1 else high = mid - 1 end
+  end
+  if index then
+    out[i] = {acquired, tostring(redis.call('lindex', key, index)), index + 1}
+  else
+    out[i] = {acquired, '', 0}
+  end
+  if acquired == 0 then break end
+end
+return out
+"""
+
+
+class _Breached:
+    """What RateLimitExceeded reads of the limit that was hit (flask-limiter's RuntimeLimit has
+    much more, none of which its 429 uses): the item, and no custom message."""
+
+    error_message = None
+
+    def __init__(self, limit: RateLimitItem) -> None:
+        self.limit = limit
+
+
+@functools.lru_cache(maxsize=1024)
+def _items(value: str) -> tuple[RateLimitItem, ...]:
+    """A limit string's items, parsed once per distinct string (tenants share a few values)."""
+    return tuple(parse_many(value)) if value else ()
+
+
 @tracing.step("rate_limit")
 def check() -> None:
     """Count this request against its tenant's and its credential's limits; 429 when over.
@@ -78,7 +148,66 @@ def check() -> None:
     """
     if g.get("principal") is None:
         raise RuntimeError("limits.check() needs authenticate() to have run first")
-    _guarded(_enforce_principal_limits)
+    scripted = isinstance(limiter.limiter, MovingWindowRateLimiter) and isinstance(
+        limiter.storage, RedisStorage
+    )
+    _guarded(_hit_principal_limits if scripted and limiter.enabled else _enforce_principal_limits)
+
+
+def _hit_principal_limits() -> None:
+    """Both buckets in one round trip (see the module docstring), as flask-limiter would hit them."""
+    prefix = current_app.config.get("RATELIMIT_KEY_PREFIX") or ""
+    wanted = [
+        (item, [prefix, key, scope] if prefix else [key, scope])
+        for limit, key, scope in (  # in the order flask-limiter holds the decorators below
+            (credential_limit(), credential_key(), "credential"),
+            (tenant_limit(), tenant_key(), "tenant"),
+        )
+        for item in _items(limit)
+    ]
+    wanted.sort(key=lambda pair: pair[0])  # flask-limiter's order: by granularity, stable
+    if not wanted:
+        return
+    storage: RedisStorage = limiter.storage  # type: ignore[assignment]
+    now = time.time()
+    args: list[object] = [now]
+    for item, _ in wanted:
+        args += [item.amount, item.get_expiry()]
+    try:
+        windows = _script(current_app, storage)(
+            keys=[storage.prefixed_key(item.key_for(*ids)) for item, ids in wanted], args=args
+        )
+    except RedisError:
+        if not current_app.config["RATELIMIT_SWALLOW_ERRORS"]:
+            raise
+        limiter.logger.exception("Failed to rate limit. Swallowing error")  # flask-limiter's own line
+        return
+    views: list[RequestLimit] = []
+    breached: RequestLimit | None = None
+    for (item, ids), (acquired, oldest, count) in zip(wanted, windows, strict=False):
+        view = RequestLimit(limiter, item, ids, not acquired, True)
+        start = float(oldest) if count else now
+        # The window flask-limiter's header hook would fetch with another round trip: as read by the
+        # script, just after this request's hit.
+        view._window = WindowStats(start + item.get_expiry(), item.amount - int(count))
+        views.append(view)
+        if not acquired:
+            breached = view
+            limiter.logger.info("ratelimit %s (%s) exceeded", item, ids[-2])
+    context = limiter.context
+    context.view_rate_limit = breached or views[0]
+    context.view_rate_limits = views
+    if breached is not None:
+        raise RateLimitExceeded(_Breached(breached.limit))  # type: ignore[arg-type]
+
+
+def _script(app: Flask, storage: RedisStorage) -> Callable[..., list[list[object]]]:
+    """The script, registered once per app on the limiter storage's own Redis client."""
+    registered = app.extensions.get("rate_limit_script")
+    if registered is None or registered[0] is not storage:
+        registered = (storage, storage.get_connection().register_script(_MOVING_WINDOW_HITS))
+        app.extensions["rate_limit_script"] = registered
+    return registered[1]
 
 
 def check_token_endpoint() -> None:
