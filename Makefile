@@ -48,6 +48,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.tuning
 	$(PY) -m bench.two_instances
 	$(PY) -m bench.liveness
+	$(PY) -m bench.request_cpu
 	$(MAKE) fuzz
 
 # Schemathesis with a random seed and 100 examples per operation (CI runs a fixed seed and 10);

@@ -1,6 +1,6 @@
 """The per-worker audit writer: a bounded buffer, a background flusher, batches, the spool.
 
-Request path: `submit()` appends to an in-memory deque (no I/O) and `admit()` refuses new work
+Request path: `submit()` appends to an in-memory deque (no I/O, no hashing) and `admit()` refuses new work
 with 503 once the deque holds AUDIT_BUFFER_MAX records, so records are never dropped silently.
 The flusher (a `threading.Thread`, which is a greenlet under gunicorn's gevent worker; psycopg
 >= 3.1.14 yields to the hub on I/O) writes up to AUDIT_BATCH_SIZE records per transaction every
@@ -44,6 +44,8 @@ from app.governance.audit.spool import Spool, database_fingerprint
 log = structlog.get_logger(__name__)
 
 RETRY_MAX_S = 2.0
+# Bodies up to this size wait in the buffer for the flusher to hash them (a chat is a few KiB).
+HASH_LATER_MAX_BYTES = 64 * 1024
 
 BUFFER_DEPTH = Gauge(
     "gateway_audit_buffer_depth",
@@ -97,9 +99,12 @@ class AuditWriter:
             )
 
     def submit(self, record: Pending) -> None:
-        """Called once the response is sent: hashing now costs the client nothing and keeps the
-        buffer small (hashes, not bodies)."""
-        record.row()
+        """Called once the response is sent. The record is built and hashed by the flusher, in its
+        batch, off the request's greenlet (which, on a kept-alive connection, goes on to the next
+        request), unless its bodies are large: those are hashed now, so that a buffer that grows
+        while the database is slow holds hashes, not bodies (an embeddings answer is megabytes)."""
+        if len(record.request_body) + len(record.response_body) > HASH_LATER_MAX_BYTES:
+            record.row()
         self._buffer.append(record)
         BUFFER_DEPTH.inc()
         self.start()
