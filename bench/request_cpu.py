@@ -19,6 +19,7 @@ Reported, for the measured pass:
   counts every thread and greenlet of the process, so work moved off the request (the audit
   flusher, the usage ledger) still counts: moving cost is not cutting it.
 - `in_request_cpu_ms`: p50 / p90 / p99 of each request's own window (call to `close()`).
+- `refused_by_admission_gate`: the CPU of a request the worker gate answers with 503 (app/admission.py).
 - `redis_round_trips_per_request`: socket writes to Redis (a pipeline or a script is one), and
   the commands sent, by name; counted on redis-py's Connection so the limiter's storage counts too.
 A second pass runs under cProfile; its top 30 by cumulative and by own time go to
@@ -226,6 +227,26 @@ def measure(app: Any, key: str, count: int) -> dict[str, Any]:
     }
 
 
+def measure_refusals(app: Any, key: str, count: int) -> dict[str, Any]:
+    """CPU of a request the worker gate refuses (503 server_overloaded): the gate is filled by
+    hand, so every request below meets it full."""
+    gate = app.extensions["admission_gate"]
+    environs = [environ(key) for _ in range(count)]
+    saved_pending = gate.max_pending
+    gate.max_pending = 0
+    for _ in range(gate.max_in_flight):
+        gate.enter()
+    try:
+        started = time.process_time()
+        codes = Counter(call(app, env) for env in environs)
+        cpu = time.process_time() - started
+    finally:
+        for _ in range(gate.max_in_flight):
+            gate.leave()
+        gate.max_pending = saved_pending
+    return {"requests": count, "statuses": dict(codes), "cpu_per_request_ms": round(cpu * 1000 / count, 4)}
+
+
 def settle_background(app: Any) -> None:
     """Let the audit flusher and usage ledger write what this pass produced, inside the clock."""
     import gevent
@@ -294,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 if code != 200:
                     raise SystemExit(f"warm-up request failed with {code}; see {log_path}")
             result = measure(app, key, args.requests)
+            if "admission_gate" in app.extensions:  # not on commits before the gate existed
+                result["refused_by_admission_gate"] = measure_refusals(app, key, args.requests)
             profile_text = profile(app, key, args.profile_requests)
             app.extensions["audit"].close()
     result = {

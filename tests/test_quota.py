@@ -657,25 +657,27 @@ def test_a_worker_killed_mid_generation_gives_its_reservation_back(lease_server,
 
 def test_a_settlement_rides_with_the_next_reservation_in_one_round_trip(app, monkeypatch):
     """Settling sends nothing by itself; this worker's next reservation carries it, in order, in
-    the same round trip, so a tight quota freed by a settlement admits the next request."""
+    the same script call, so a tight quota freed by a settlement admits the next request."""
+    from redis.commands.core import Script
+
     counters = app.extensions["quota_counters"]
     if not isinstance(counters, quota.RedisCounters):
         pytest.skip("the in-process counters have no round trips")
     monkeypatch.setattr(quota, "SETTLE_DELAY_S", 60.0)  # the flusher must not beat the reservation
     principal = tenant_principal(app, token_quota=100)
-    round_trips: list[int] = []
-    execute = type(counters.redis.pipeline()).execute
+    calls: list[int] = []
+    run = Script.__call__
 
-    def counting(pipe, *args, **kwargs):
-        round_trips.append(len(pipe.command_stack))
-        return execute(pipe, *args, **kwargs)
+    def counting(script, keys=(), args=(), client=None):
+        calls.append(len(keys))
+        return run(script, keys=keys, args=args, client=client)
 
     with app.app_context():
         first = quota.reserve(principal, 80)
-        monkeypatch.setattr(type(counters.redis.pipeline()), "execute", counting)
+        monkeypatch.setattr(Script, "__call__", counting)
         first.settle(10)
-        assert round_trips == [], "a settlement is queued, not sent"
+        assert calls == [], "a settlement is queued, not sent"
         second = quota.reserve(principal, 80)  # 10 + 80 fits only once the settlement has landed
-        assert round_trips == [2], "the settlement and the reservation, in one pipeline"
+        assert calls == [4], "one call: the settlement's counter and leases, then the reservation's"
         second.release()
         assert quota.counted(principal.tenant_id) == 10

@@ -90,27 +90,45 @@ local function reclaim(counter, leases, now)
 end
 """
 
-# KEYS[1] counter hash, KEYS[2] leases; ARGV: tokens, limit, ttl, seed ("" = none), member, lease ms.
-# Returns {status, used, reclaimed}: status 1 admitted, 0 over quota, -1 counter missing (send a seed).
-_RESERVE = (
+# The settlements a worker has queued, then one reservation, in one call (see RedisCounters).
+# KEYS: counter hash and leases of each settlement, then of the reservation. ARGV: the number of
+# settlements, (member, reserved, actual) for each, then the reservation's tokens, limit, ttl,
+# seed ("" = none), member, lease ms. Returns {status, used, reclaimed}: status 1 admitted,
+# 0 over quota, -1 counter missing (send a seed). A settlement is _SETTLE below, inlined.
+_SETTLE_AND_RESERVE = (
     _RECLAIM
     + """
+local settlements = tonumber(ARGV[1])
+for i = 1, settlements do
+  local counter, leases = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('EXISTS', counter) == 1 then
+    local reserved, actual = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+    if redis.call('ZREM', leases, ARGV[3 * i - 1]) == 1 then
+      redis.call('HINCRBY', counter, 'used', actual - reserved)
+    else
+      redis.call('HINCRBY', counter, 'used', actual)
+    end
+  end
+end
+local counter, leases = KEYS[2 * settlements + 1], KEYS[2 * settlements + 2]
+local a = 3 * settlements + 1
+local tokens, limit, ttl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+local seed, member, lease_ms = ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6])
 local now = now_ms()
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[4] == '' then return {-1, 0, 0} end
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'used', ARGV[4])
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+if redis.call('EXISTS', counter) == 0 then
+  if seed == '' then return {-1, 0, 0} end
+  redis.call('DEL', leases)
+  redis.call('HSET', counter, 'used', seed)
+  redis.call('EXPIRE', counter, ttl)
 end
-local reclaimed = reclaim(KEYS[1], KEYS[2], now)
-local used = tonumber(redis.call('HGET', KEYS[1], 'used'))
-local tokens = tonumber(ARGV[1])
-if used + tokens > tonumber(ARGV[2]) then return {0, used, reclaimed} end
+local reclaimed = reclaim(counter, leases, now)
+local used = tonumber(redis.call('HGET', counter, 'used'))
+if used + tokens > limit then return {0, used, reclaimed} end
 if tokens > 0 then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+  redis.call('ZADD', leases, now + lease_ms, member)
+  redis.call('EXPIRE', leases, ttl)
 end
-return {1, redis.call('HINCRBY', KEYS[1], 'used', tokens), reclaimed}
+return {1, redis.call('HINCRBY', counter, 'used', tokens), reclaimed}
 """
 )
 
@@ -164,7 +182,7 @@ class RedisCounters:
 
     A settlement only ever lowers the counter towards what was really used (or raises it by usage
     beyond the reservation, already spent), so it need not reach Redis before the response: it is
-    queued and sent in the same pipeline as this worker's next reservation, or by a flusher within
+    queued and sent in the same script call as this worker's next reservation, or by a flusher within
     SETTLE_DELAY_S when no reservation comes. A request then costs one quota round trip, not two.
     Until it lands the counter still holds the reservation, erring towards refusing, never towards
     overspending; this worker's own next reservation always sees it (it is sent first, in order),
@@ -173,7 +191,7 @@ class RedisCounters:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._reserve = redis.register_script(_RESERVE)
+        self._reserve = redis.register_script(_SETTLE_AND_RESERVE)
         self._settle = redis.register_script(_SETTLE)
         self._peek = redis.register_script(_PEEK)
         self._renew = redis.register_script(_RENEW)
@@ -185,8 +203,20 @@ class RedisCounters:
     def reserve(
         self, key: str, tokens: int, limit: int, ttl: int, seed: int | None, member: str, lease_s: float
     ) -> tuple[int, int, int]:
-        args = [tokens, limit, ttl, "" if seed is None else seed, member, int(lease_s * 1000)]
-        status, used, reclaimed = self._send(self._take(), reserve=([key, key + LEASES_SUFFIX], args))
+        queued = self._take()
+        keys: list[str] = []
+        args: list[object] = [len(queued)]
+        for settled_key, settled_member, reserved, actual in queued:
+            keys += [settled_key, settled_key + LEASES_SUFFIX]
+            args += [settled_member, reserved, actual]
+        keys += [key, key + LEASES_SUFFIX]
+        args += [tokens, limit, ttl, "" if seed is None else seed, member, int(lease_s * 1000)]
+        try:
+            status, used, reclaimed = self._reserve(keys=keys, args=args)
+        except RedisError as exc:
+            if queued:
+                log.warning("quota_adjust_failed", settlements=len(queued), error=str(exc))
+            raise
         return int(status), int(used), int(reclaimed)
 
     def adjust(self, key: str, member: str, reserved: int, actual: int) -> None:
@@ -225,41 +255,27 @@ class RedisCounters:
             queued, self._queued = self._queued, []
         return queued
 
-    def _send(
-        self, queued: list[tuple[str, str, int, int]], reserve: tuple[list[str], list[object]] | None = None
-    ) -> list[object]:
-        """One round trip: the settlements, then the reservation if any (whose result is returned).
+    def _send(self, queued: list[tuple[str, str, int, int]]) -> None:
+        """The flusher's round trip: the settlements no reservation has carried, pipelined.
 
         EVALSHA in a plain pipeline, not redis-py's pipelined Script, which first asks SCRIPT EXISTS
         (a round trip of its own). A script Redis does not know (it restarted) is sent again through
         its Script object, which loads it; a settlement that fails otherwise is logged, as a lease
-        then gives its tokens back (see the module docstring), and never fails the reservation.
+        then gives its tokens back (see the module docstring).
         """
-        if not queued and reserve is not None:
-            return self._reserve(keys=reserve[0], args=reserve[1])
         pipe = self.redis.pipeline(transaction=False)
         for key, member, reserved, actual in queued:
             pipe.evalsha(self._settle.sha, 2, key, key + LEASES_SUFFIX, member, reserved, actual)
-        if reserve is not None:
-            pipe.evalsha(self._reserve.sha, 2, *reserve[0], *reserve[1])
         try:
             results = pipe.execute(raise_on_error=False)
         except RedisError as exc:
             log.warning("quota_adjust_failed", settlements=len(queued), error=str(exc))
             raise
-        for (key, member, reserved, actual), result in zip(queued, results, strict=False):
+        for (key, member, reserved, actual), result in zip(queued, results, strict=True):
             if isinstance(result, NoScriptError):
                 result = self._settle(keys=[key, key + LEASES_SUFFIX], args=[member, reserved, actual])
             if isinstance(result, Exception):
                 log.warning("quota_adjust_failed", settlements=1, error=str(result))
-        if reserve is None:
-            return []
-        answer = results[-1]
-        if isinstance(answer, NoScriptError):
-            return self._reserve(keys=reserve[0], args=reserve[1])
-        if isinstance(answer, Exception):
-            raise answer
-        return answer  # type: ignore[no-any-return]
 
 
 def _send_settlements(ref: weakref.ref[RedisCounters], work: threading.Event) -> None:
