@@ -107,9 +107,9 @@ def key_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     verify = principal.verify_key
 
-    def counting(presented: str):
+    def counting(presented: str, **options: bool):
         calls.append(presented)
-        return verify(presented)
+        return verify(presented, **options)
 
     monkeypatch.setattr(principal, "verify_key", counting)
     return calls

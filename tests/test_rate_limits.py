@@ -165,8 +165,9 @@ def test_redis_down_policy(app, sqlite_url, fail_open, expected):
 
 
 def test_both_buckets_in_one_round_trip_on_flask_limiters_own_keys(app, client, monkeypatch):
-    """The tenant and credential buckets are hit by one script call, with no second call for the
-    headers, on the keys flask-limiter itself reads: its own window stats see the same counts."""
+    """The tenant and credential buckets are hit by one script call, which also reads the identity
+    revision for the cached key, with no second call for the headers, on the keys flask-limiter
+    itself reads: its own window stats see the same counts."""
     from limits import parse
     from redis.commands.core import Script
 
@@ -187,7 +188,7 @@ def test_both_buckets_in_one_round_trip_on_flask_limiters_own_keys(app, client, 
         resp = client.get("/v1/auth/me", headers=bearer(world.a_key))
         assert resp.status_code == 200
         assert resp.headers["X-RateLimit-Limit"] == "4"  # flask-limiter's header choice: the first by order
-    assert calls == [2, 2], "one script call per request, covering both buckets"
+    assert calls == [3, 3], "one script call per request: both buckets and the identity revision"
     with app.app_context():
         me = client.get("/v1/auth/me", headers=bearer(world.a_key)).get_json()
         tenant = limiter.limiter.get_window_stats(parse("5/minute"), world.a_tenant, "tenant")

@@ -114,15 +114,22 @@ def init_app(app: Flask) -> None:
     )
 
 
-def verify_key(presented: str) -> VerifiedKey | None:
-    """The key's principal if it is valid now: cached by SHA-256 of the key, else HMAC + database."""
+def verify_key(presented: str, *, defer_sync: bool = False) -> VerifiedKey | None:
+    """The key's principal if it is valid now: cached by SHA-256 of the key, else HMAC + database.
+
+    `defer_sync`: a cached key is served without reading the identity revision first; the caller
+    promises to read it in the same request and re-authenticate if it changed (limits.check)."""
     digest = hashlib.sha256(presented.encode()).digest()
     store = cache()
-    if store.get(("key", digest)) is None:
+    cached = store.get(("key", digest))
+    if cached is None:
         parts = split_key(presented)
         auth_throttle.refuse_if_blocked(parts[0] if parts else None)
-    store.sync()
-    verified = store.get_or_load(("key", digest), lambda: _load(presented))
+    if cached is not None and defer_sync and store.defer_sync():
+        verified = cached
+    else:
+        store.sync()
+        verified = store.get_or_load(("key", digest), lambda: _load(presented))
     if verified is None or (verified.expires_at is not None and verified.expires_at <= utcnow()):
         return None
     _touch(verified.key_id)

@@ -8,8 +8,12 @@ of database reads.
 
 Invalidation across workers: every change that must take effect at once (a key revoked, a tenant
 disabled or its limits changed) increments one revision counter in Redis after its database commit.
-Each request reads the counter once (a single GET, about 0.1 ms on loopback) and a worker that sees
-a new value drops its whole cache, so the very next request on every worker re-reads the database.
+Each request reads the counter once and a worker that sees a new value drops its whole cache, so
+the very next request on every worker re-reads the database. For a request with an API key already
+in the cache the read rides in the rate-limit step's script (limits.py: no round trip of its own);
+if it shows a new revision, that step authenticates the request again, from the database, before
+it counts it, so a revoked key is refused on its very next request all the same. Every other
+request (a cache miss, a JWT, the console) reads it with its own GET before authenticating.
 Chosen over pub/sub because it needs no listener greenlet in each worker, cannot miss a message
 across a reconnect or a Redis restart (a restart changes the value too), and costs one round trip
 on a path that already makes several for rate limiting. If Redis is unreachable the cache keeps
@@ -50,22 +54,45 @@ class IdentityCache:
     def enabled(self) -> bool:
         return self.ttl > 0
 
-    def sync(self) -> None:
-        """Once per request: drop everything if another process changed identity data."""
+    def sync(self) -> bool:
+        """Once per request: drop everything if another process changed identity data; returns
+        whether it did."""
         if not self.enabled or self._redis is None:
-            return
+            return False
         if has_request_context():
             if g.get("_identity_synced"):
-                return
+                return False
             g._identity_synced = True
+        return self.read_revision()
+
+    def read_revision(self) -> bool:
+        """One GET of the revision, applied; a Redis failure keeps the entries (late by the TTL)."""
+        if self._redis is None:
+            return False
         try:
             revision = self._redis.get(REVISION_KEY)
         except RedisError as exc:
             log.warning("identity_revision_unavailable", error=str(exc))
-            return
-        if revision != self._revision:
-            self._entries.clear()
-            self._revision = revision
+            return False
+        return self.apply_revision(revision)
+
+    def defer_sync(self) -> bool:
+        """Leave this request's revision read to the rate-limit step, which reads it in its own
+        round trip (limits.py); False when there is nothing to read (no cache, no Redis, or this
+        request has already synced)."""
+        if not self.enabled or self._redis is None or not has_request_context() or g.get("_identity_synced"):
+            return False
+        g._identity_synced = True
+        g._identity_sync_deferred = True
+        return True
+
+    def apply_revision(self, revision: str | None) -> bool:
+        """A revision read elsewhere; drops everything if it is new, and says whether it did."""
+        if revision == self._revision:
+            return False
+        self._entries.clear()
+        self._revision = revision
+        return True
 
     def get(self, key: Hashable) -> Any | None:
         entry = self._entries.get(key)

@@ -24,6 +24,8 @@ acquire_moving_window.lua and moving_window.lua do, on the same keys (built by t
 `RateLimitItem.key_for` and `prefixed_key`), for every limit in flask-limiter's order, stopping at
 the first breach as flask-limiter does, and returns each window; the windows are handed to
 flask-limiter's request context, so its header hook writes the headers without asking Redis again.
+The identity cache's revision (identity/cache.py) is read in the same script when the request's
+API key was served from the cache, so such a request makes this one round trip and the quota's.
 flask-limiter stays the configuration surface (limit strings, RATELIMIT_* settings, storage,
 strategy, headers, the 429 it raises); any other storage or strategy goes through flask-limiter
 unchanged.
@@ -49,6 +51,7 @@ from app import tracing
 from app.errors import rate_limit_unavailable
 from app.extensions import limiter
 from app.identity.accounts import tenant_settings
+from app.identity.cache import REVISION_KEY, cache
 
 
 def tenant_limit() -> str:
@@ -90,13 +93,14 @@ def _enforce_token_endpoint_limit() -> None:
     """Empty, as above; keyed by client address because the caller is not authenticated yet."""
 
 
-# KEYS: one list per limit; ARGV: now, then limit and expiry per key. Per limit, limits'
-# acquire_moving_window.lua (cost 1) and then moving_window.lua's window; stops after a breach.
+# KEYS: one list per limit, then optionally the identity revision key. ARGV: now, the number of
+# limits, then limit and expiry for each. Per limit, limits' acquire_moving_window.lua (cost 1)
+# and then moving_window.lua's window, stopping after a breach; returns {windows, revision}.
 _MOVING_WINDOW_HITS = """
-local now = tonumber(ARGV[1])
+local now, limits = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
-for i = 1, #KEYS do
-  local key, limit, expiry = KEYS[i], tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+for i = 1, limits do
+  local key, limit, expiry = KEYS[i], tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
   local acquired = 0
   if limit >= 1 then
     local entry = redis.call('lindex', key, limit - 1)
@@ -120,7 +124,9 @@ for i = 1, #KEYS do
   end
   if acquired == 0 then break end
 end
-return out
+local revision = false
+if #KEYS > limits then revision = redis.call('GET', KEYS[#KEYS]) end
+return {out, revision}
 """
 
 
@@ -148,14 +154,39 @@ def check() -> None:
     """
     if g.get("principal") is None:
         raise RuntimeError("limits.check() needs authenticate() to have run first")
-    scripted = isinstance(limiter.limiter, MovingWindowRateLimiter) and isinstance(
-        limiter.storage, RedisStorage
+    deferred = bool(g.pop("_identity_sync_deferred", False))
+    config = current_app.config
+    scripted = (
+        limiter.enabled
+        and isinstance(limiter.limiter, MovingWindowRateLimiter)
+        and isinstance(limiter.storage, RedisStorage)
     )
-    _guarded(_hit_principal_limits if scripted and limiter.enabled else _enforce_principal_limits)
+    if scripted:
+        # The revision rides along only if the limiter's Redis is the one identity writes it to.
+        with_revision = deferred and config.get("RATELIMIT_STORAGE_URI") == config.get("REDIS_URL")
+        if deferred and not with_revision and cache().read_revision():
+            _reauthenticate()
+        _guarded(lambda: _hit_principal_limits(with_revision))
+        return
+    if deferred and cache().read_revision():
+        _reauthenticate()
+    _guarded(_enforce_principal_limits)
 
 
-def _hit_principal_limits() -> None:
-    """Both buckets in one round trip (see the module docstring), as flask-limiter would hit them."""
+def _reauthenticate() -> None:
+    # Imported here: principal.py imports this module for require_scopes.
+    from app.identity.principal import reauthenticate
+
+    reauthenticate()
+
+
+def _hit_principal_limits(with_revision: bool = False) -> None:
+    """Both buckets in one round trip (see the module docstring), as flask-limiter would hit them,
+    with the identity revision read in the same script when the key was served from the cache.
+
+    If the revision is new, the request is authenticated again from the database (a revoked key
+    is refused here) and counted again under what it now is: the first hit stays counted, an
+    overcount of one request per bucket and worker after each identity change."""
     prefix = current_app.config.get("RATELIMIT_KEY_PREFIX") or ""
     wanted = [
         (item, [prefix, key, scope] if prefix else [key, scope])
@@ -166,21 +197,30 @@ def _hit_principal_limits() -> None:
         for item in _items(limit)
     ]
     wanted.sort(key=lambda pair: pair[0])  # flask-limiter's order: by granularity, stable
-    if not wanted:
+    if not wanted and not with_revision:
         return
     storage: RedisStorage = limiter.storage  # type: ignore[assignment]
     now = time.time()
-    args: list[object] = [now]
+    keys = [storage.prefixed_key(item.key_for(*ids)) for item, ids in wanted]
+    args: list[object] = [now, len(wanted)]
     for item, _ in wanted:
         args += [item.amount, item.get_expiry()]
     try:
-        windows = _script(current_app, storage)(
-            keys=[storage.prefixed_key(item.key_for(*ids)) for item, ids in wanted], args=args
+        windows, revision = _script(current_app, storage)(
+            keys=[*keys, REVISION_KEY] if with_revision else keys, args=args
         )
     except RedisError:
         if not current_app.config["RATELIMIT_SWALLOW_ERRORS"]:
             raise
         limiter.logger.exception("Failed to rate limit. Swallowing error")  # flask-limiter's own line
+        return
+    if with_revision:
+        revision = revision.decode() if isinstance(revision, bytes) else revision
+        if cache().apply_revision(revision):
+            _reauthenticate()
+            _hit_principal_limits()
+            return
+    if not wanted:
         return
     views: list[RequestLimit] = []
     breached: RequestLimit | None = None
