@@ -435,6 +435,38 @@ def test_revocation_reaches_another_worker_through_the_redis_revision(app, world
             db.engine.dispose()
 
 
+def test_a_request_served_from_the_cache_is_rechecked_even_if_another_applied_the_revision(
+    app, world, redis_url, monkeypatch
+):
+    """A cached key is served before the revision is read (it rides in the rate-limit script). If
+    another greenlet of the worker applies the new revision in between, this request must still
+    see that its own entry was older, authenticate again and be refused."""
+    from app.identity import limits
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    from app import create_app
+
+    worker_a, worker_b = create_app(), create_app()
+    a, b = worker_a.test_client(), worker_b.test_client()
+    for _ in range(2):  # worker B has the key cached
+        assert b.get("/v1/auth/me", headers=bearer(world.a_key)).status_code == 200
+    assert (
+        a.post(f"/v1/governance/keys/{world.a_key_id}/revoke", headers=bearer(world.admin_key)).status_code
+        == 200
+    )
+    hit = limits._hit_principal_limits
+
+    def another_greenlet_syncs_first(with_revision: bool = False) -> None:
+        worker_b.extensions["identity_cache"].read_revision()
+        hit(with_revision)
+
+    monkeypatch.setattr(limits, "_hit_principal_limits", another_greenlet_syncs_first)
+    assert_error(b.get("/v1/auth/me", headers=bearer(world.a_key)), 401, "invalid_api_key")
+    for instance in (worker_a, worker_b):
+        with instance.app_context():
+            db.engine.dispose()
+
+
 def test_key_cache_can_be_switched_off(app, client, world):
     app.extensions["identity_cache"].ttl = 0
     for _ in range(2):

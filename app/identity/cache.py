@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 log = structlog.get_logger(__name__)
 
 REVISION_KEY = "identity:revision"
+_UNREAD = object()  # a revision that could not be read
 MAX_ENTRIES = 10_000
 LOCK_STRIPES = 64
 
@@ -67,24 +68,40 @@ class IdentityCache:
 
     def read_revision(self) -> bool:
         """One GET of the revision, applied; a Redis failure keeps the entries (late by the TTL)."""
+        revision = self._fetch()
+        return False if revision is _UNREAD else self.apply_revision(revision)
+
+    def _fetch(self) -> Any:
         if self._redis is None:
-            return False
+            return _UNREAD
         try:
-            revision = self._redis.get(REVISION_KEY)
+            return self._redis.get(REVISION_KEY)
         except RedisError as exc:
             log.warning("identity_revision_unavailable", error=str(exc))
-            return False
-        return self.apply_revision(revision)
+            return _UNREAD
 
     def defer_sync(self) -> bool:
         """Leave this request's revision read to the rate-limit step, which reads it in its own
         round trip (limits.py); False when there is nothing to read (no cache, no Redis, or this
-        request has already synced)."""
+        request has already synced). Remembers the revision the request's entries were read under."""
         if not self.enabled or self._redis is None or not has_request_context() or g.get("_identity_synced"):
             return False
         g._identity_synced = True
         g._identity_sync_deferred = True
+        g._identity_revision_used = self._revision
         return True
+
+    def confirm(self, revision: str | object | None = _UNREAD) -> bool:
+        """The deferred read (given, or made now): applies it, and says whether this request used
+        entries older than it. Compared with the request's own revision, not the cache's: another
+        greenlet may have applied the new revision after this request was served from the cache."""
+        if revision is _UNREAD:
+            revision = self._fetch()
+            if revision is _UNREAD:
+                return False  # Redis is down: entries live out their TTL, as in `sync`
+        used = g.pop("_identity_revision_used", self._revision)
+        self.apply_revision(revision)  # type: ignore[arg-type]
+        return revision != used
 
     def apply_revision(self, revision: str | None) -> bool:
         """A revision read elsewhere; drops everything if it is new, and says whether it did."""

@@ -165,11 +165,11 @@ def check() -> None:
     if scripted:
         # The revision rides along only if the limiter's Redis is the one identity writes it to.
         with_revision = deferred and config.get("RATELIMIT_STORAGE_URI") == config.get("REDIS_URL")
-        if deferred and not with_revision and cache().read_revision():
+        if deferred and not with_revision and cache().confirm():
             _reauthenticate()
         _guarded(lambda: _hit_principal_limits(with_revision))
         return
-    if deferred and cache().read_revision():
+    if deferred and cache().confirm():
         _reauthenticate()
     _guarded(_enforce_principal_limits)
 
@@ -217,7 +217,7 @@ def _hit_principal_limits(with_revision: bool = False) -> None:
         return
     if with_revision:
         revision = revision.decode() if isinstance(revision, bytes) else revision
-        if cache().apply_revision(revision):
+        if cache().confirm(revision):
             _reauthenticate()
             _hit_principal_limits()
             return
