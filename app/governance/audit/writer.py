@@ -167,7 +167,7 @@ class AuditWriter:
                 break
         if taken:
             BUFFER_DEPTH.dec(len(taken))
-        return taken
+        return [record for record in taken if _built(record)]
 
     def _spool_rows(self, records: list[Pending]) -> None:
         if not records:
@@ -275,6 +275,18 @@ class AuditWriter:
         if self.engine.dialect.name == "postgresql":
             stmt = stmt.with_for_update()
         return {chain: (seq, digest) for chain, seq, digest in conn.execute(stmt)}
+
+
+def _built(record: Pending) -> bool:
+    """Build (and hash) a record taken from the buffer. One that cannot be built is a bug in what
+    the request noted: it is logged and left out, so that it cannot fail its whole batch and the
+    spool after it, which is all it could cost when records were built in `submit`."""
+    try:
+        record.row()
+    except Exception:
+        log.exception("audit_record_unbuildable", request_id=record.request_id, endpoint=record.endpoint)
+        return False
+    return True
 
 
 def _flusher(ref: weakref.ref[AuditWriter], wakeup: threading.Condition) -> None:
