@@ -56,6 +56,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.liveness
 	$(PY) -m bench.rag_bench
 	$(PY) -m bench.batch_bench
+	$(PY) -m bench.request_cpu
 	$(PY) -m bench.soak
 	$(MAKE) fuzz
 

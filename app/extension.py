@@ -187,6 +187,7 @@ def _register_extensions(app: Flask) -> None:
     batches.init_app(app)
     drift.init_app(app)
     audit.init_app(app)
+    admission.install_gate(app)
 
 
 def _register_blueprints(app: Flask, url_prefix: str) -> None:

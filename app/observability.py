@@ -20,7 +20,7 @@ from prometheus_client import Gauge
 from app import tracing
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 IN_FLIGHT = Gauge(
     "gateway_http_requests_in_flight",
@@ -31,7 +31,7 @@ IN_FLIGHT = Gauge(
 
 def valid_request_id(supplied: str | None) -> str | None:
     """A client's X-Request-ID if it is one we echo (short, no control characters), else None."""
-    return supplied if supplied and _VALID_REQUEST_ID.match(supplied) else None
+    return supplied if supplied and VALID_REQUEST_ID.match(supplied) else None
 
 
 def request_id() -> str | None:

@@ -6,6 +6,8 @@ configuration in the master process before any worker is forked and gevent-patch
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from collections.abc import Mapping
@@ -113,6 +115,12 @@ class BaseConfig:
     WEB_CONCURRENCY = 1
     WORKER_CONNECTIONS = 1000
     CHEAP_ROUTE_CONCURRENCY = 4
+    # Worker admission (app/admission.py): requests being worked on, and those waiting for a turn.
+    # Unset, they are half and a quarter of WORKER_CONNECTIONS: the gate can only shed below
+    # gunicorn's own ceiling, and the rest of the connections stay free for the probes and streams.
+    MAX_IN_FLIGHT: int | None = None
+    MAX_PENDING: int | None = None
+    MAX_PENDING_WAIT_S = 2.0
     DB_MAX_CONNECTIONS = 20
     LOG_FORMAT = "json"
     LOG_LEVEL = "INFO"
@@ -183,6 +191,10 @@ class BaseConfig:
         cfg["MIGRATIONS_DIR"] = env.get("MIGRATIONS_DIR") or str(ROOT / "migrations")
         cfg["SECRET_KEY"] = env.get("SECRET_KEY") or cls.SECRET_KEY
         cfg["JWT_SECRET_KEY"] = env.get("JWT_SECRET_KEY") or cls.JWT_SECRET_KEY
+        cfg["API_KEY_PEPPER"] = env.get("API_KEY_PEPPER") or derived_pepper(str(cfg["SECRET_KEY"]))
+        cfg["API_KEY_PEPPERS_PREVIOUS"] = [
+            p.strip() for p in (env.get("API_KEY_PEPPERS_PREVIOUS") or "").split(",") if p.strip()
+        ]
         cfg["JWT_ACCESS_TOKEN_EXPIRES_S"] = _int(
             env, "JWT_ACCESS_TOKEN_EXPIRES", cls.JWT_ACCESS_TOKEN_EXPIRES_S, 1
         )
@@ -196,6 +208,12 @@ class BaseConfig:
         cfg["WEB_CONCURRENCY"] = _int(env, "WEB_CONCURRENCY", cls.WEB_CONCURRENCY, 1)
         cfg["WORKER_CONNECTIONS"] = _int(env, "WORKER_CONNECTIONS", cls.WORKER_CONNECTIONS, 1)
         cfg["CHEAP_ROUTE_CONCURRENCY"] = _int(env, "CHEAP_ROUTE_CONCURRENCY", cls.CHEAP_ROUTE_CONCURRENCY, 1)
+        connections = int(cfg["WORKER_CONNECTIONS"])  # type: ignore[call-overload]
+        cfg["MAX_IN_FLIGHT"] = _int(env, "MAX_IN_FLIGHT", cls.MAX_IN_FLIGHT or max(1, connections // 2), 1)
+        cfg["MAX_PENDING"] = _int(env, "MAX_PENDING", cls.MAX_PENDING or connections // 4, 0)
+        cfg["MAX_PENDING_WAIT_S"] = _float(env, "MAX_PENDING_WAIT", cls.MAX_PENDING_WAIT_S)
+        if float(cfg["MAX_PENDING_WAIT_S"]) < 0:  # type: ignore[arg-type]
+            raise ConfigError("MAX_PENDING_WAIT", "must be >= 0 seconds")
         cfg["DB_MAX_CONNECTIONS"] = _int(env, "DB_MAX_CONNECTIONS", cls.DB_MAX_CONNECTIONS, 1)
         cfg["TRACING_ENABLED"], cfg["OTEL_TRACES_EXPORTER"] = _tracing(env)
         cfg["LOG_FORMAT"] = env.get("LOG_FORMAT") or cls.LOG_FORMAT
@@ -334,7 +352,7 @@ class ProductionConfig(BaseConfig):
     @classmethod
     def validate(cls, cfg: dict[str, object]) -> None:
         super().validate(cfg)
-        for name in ("SECRET_KEY", "JWT_SECRET_KEY"):
+        for name in ("SECRET_KEY", "JWT_SECRET_KEY", "API_KEY_PEPPER"):
             value = str(cfg[name] or "")
             if not value:
                 raise ConfigError(name, "required in production")
@@ -356,6 +374,14 @@ def load_config(env: Mapping[str, str] | None = None) -> dict[str, object]:
     if name not in CONFIGS:
         raise ConfigError("APP_ENV", f"must be one of {', '.join(CONFIGS)}, got {name!r}")
     return CONFIGS[name].from_env(env)
+
+
+def derived_pepper(secret_key: str) -> str:
+    """The API key pepper when API_KEY_PEPPER is unset: HMAC-SHA256 of a fixed label under
+    SECRET_KEY, so `make run` and existing deployments need no new variable. Rotating SECRET_KEY
+    then changes the pepper: list the old one in API_KEY_PEPPERS_PREVIOUS
+    (`python -c 'import config; print(config.derived_pepper("<old SECRET_KEY>"))'`)."""
+    return hmac.new(secret_key.encode(), b"flask-ai-gateway api-key pepper v1", hashlib.sha256).hexdigest()
 
 
 def random_secret() -> str:

@@ -27,15 +27,15 @@ def app_env(redis_url: str) -> dict[str, str]:
 
 @pytest.fixture
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every argon2 verification the key path makes, in this process."""
+    """Every secret hash check the key path makes (HMAC, or argon2 for a legacy key), in this process."""
     calls: list[str] = []
-    verify = apikeys.verify_secret
+    verify = apikeys.check_secret
 
-    def counting(stored_hash: str | None, secret: str) -> bool:
+    def counting(stored_hash: str, secret: str) -> bool:
         calls.append(secret)
         return verify(stored_hash, secret)
 
-    monkeypatch.setattr(apikeys, "verify_secret", counting)
+    monkeypatch.setattr(apikeys, "check_secret", counting)
     return calls
 
 

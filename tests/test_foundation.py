@@ -10,7 +10,7 @@ import pytest
 from openapi_spec_validator import validate
 from sqlalchemy import inspect, text
 
-from config import ConfigError, load_config
+from config import ConfigError, derived_pepper, load_config
 from tests.support import ROOT
 
 
@@ -122,6 +122,18 @@ def test_database_roundtrip_on_both_engines(any_database_url, monkeypatch):
         ({"WEB_CONCURRENCY": "two"}, "WEB_CONCURRENCY"),
         ({"APP_ENV": "staging"}, "APP_ENV"),
         ({"REDIS_URL": "http://localhost"}, "REDIS_URL"),
+        (
+            {
+                "APP_ENV": "production",
+                "SECRET_KEY": "s" * 40,
+                "JWT_SECRET_KEY": "j" * 40,
+                "API_KEY_PEPPER": "short",
+            },
+            "API_KEY_PEPPER",
+        ),
+        ({"MAX_IN_FLIGHT": "0"}, "MAX_IN_FLIGHT"),
+        ({"MAX_PENDING": "-1"}, "MAX_PENDING"),
+        ({"MAX_PENDING_WAIT": "-1"}, "MAX_PENDING_WAIT"),
     ],
 )
 def test_bad_configuration_names_the_variable(env, variable):
@@ -133,6 +145,8 @@ def test_bad_configuration_names_the_variable(env, variable):
 def test_production_accepts_real_secrets():
     cfg = load_config({"APP_ENV": "production", "SECRET_KEY": "s" * 40, "JWT_SECRET_KEY": "j" * 40})
     assert cfg["ENV_NAME"] == "production" and cfg["BOOTSTRAP"] is False
+    # Without API_KEY_PEPPER the pepper comes from SECRET_KEY: no new variable to deploy.
+    assert cfg["API_KEY_PEPPER"] == derived_pepper("s" * 40) != "s" * 40
 
 
 def test_bad_configuration_fails_fast_with_one_line():

@@ -435,6 +435,38 @@ def test_revocation_reaches_another_worker_through_the_redis_revision(app, world
             db.engine.dispose()
 
 
+def test_a_request_served_from_the_cache_is_rechecked_even_if_another_applied_the_revision(
+    app, world, redis_url, monkeypatch
+):
+    """A cached key is served before the revision is read (it rides in the rate-limit script). If
+    another greenlet of the worker applies the new revision in between, this request must still
+    see that its own entry was older, authenticate again and be refused."""
+    from app.identity import limits
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    from app import create_app
+
+    worker_a, worker_b = create_app(), create_app()
+    a, b = worker_a.test_client(), worker_b.test_client()
+    for _ in range(2):  # worker B has the key cached
+        assert b.get("/v1/auth/me", headers=bearer(world.a_key)).status_code == 200
+    assert (
+        a.post(f"/v1/governance/keys/{world.a_key_id}/revoke", headers=bearer(world.admin_key)).status_code
+        == 200
+    )
+    hit = limits._hit_principal_limits
+
+    def another_greenlet_syncs_first(with_revision: bool = False) -> None:
+        worker_b.extensions["identity_cache"].read_revision()
+        hit(with_revision)
+
+    monkeypatch.setattr(limits, "_hit_principal_limits", another_greenlet_syncs_first)
+    assert_error(b.get("/v1/auth/me", headers=bearer(world.a_key)), 401, "invalid_api_key")
+    for instance in (worker_a, worker_b):
+        with instance.app_context():
+            db.engine.dispose()
+
+
 def test_key_cache_can_be_switched_off(app, client, world):
     app.extensions["identity_cache"].ttl = 0
     for _ in range(2):
@@ -443,6 +475,85 @@ def test_key_cache_can_be_switched_off(app, client, world):
 
 
 # --- stored secrets -----------------------------------------------------------------------------
+
+
+def _stored_hash(app, key_id: str) -> str:
+    with app.app_context():
+        return db.session.get(ApiKey, key_id).secret_hash
+
+
+def test_an_argon2_key_from_before_hmac_still_authenticates_and_is_upgraded(app, client, monkeypatch):
+    """Keys issued when secrets were argon2-hashed keep working; their first successful use
+    replaces the hash with the HMAC one, and a wrong secret never does."""
+    from app.identity import hashing
+
+    with app.app_context():
+        tenant = accounts.create_tenant("legacy")
+        row, full = apikeys.issue_key(tenant, "old", [sc.MODELS_READ])
+        prefix, secret = apikeys.split_key(full)
+        db.session.execute(
+            update(ApiKey).where(ApiKey.id == row.id).values(secret_hash=hashing.hash_secret(secret))
+        )
+        db.session.commit()
+        key_id = row.id
+    assert _stored_hash(app, key_id).startswith("$argon2id$")
+    assert_error(client.get("/v1/auth/me", headers=bearer(f"{prefix}_{'B' * 43}")), 401, "invalid_api_key")
+    assert _stored_hash(app, key_id).startswith("$argon2id$"), "a failed attempt must not rewrite the hash"
+
+    argon2_checks: list[str] = []
+    verify = apikeys.verify_secret
+    monkeypatch.setattr(apikeys, "verify_secret", lambda h, s: argon2_checks.append(s) or verify(h, s))
+    me = client.get("/v1/auth/me", headers=bearer(full))
+    assert me.status_code == 200, me.get_json()
+    assert argon2_checks == [secret]
+    upgraded = _stored_hash(app, key_id)
+    assert upgraded.startswith("hmac-sha256$") and secret not in upgraded
+    with app.app_context():
+        assert app.extensions["api_key_hasher"].verify(upgraded, secret)
+        cache().invalidate()  # the next request verifies against the database again
+    assert client.get("/v1/auth/me", headers=bearer(full)).status_code == 200
+    assert argon2_checks == [secret], "an upgraded key is checked by HMAC only"
+
+
+@pytest.fixture
+def rotated_app(database_url: str, monkeypatch: pytest.MonkeyPatch):
+    """A second app on the same database whose pepper was rotated: the first app's is retired."""
+    from app import create_app
+    from app.governance import audit
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    built = []
+
+    def build(**env: str):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        built.append(create_app())
+        return built[-1]
+
+    yield build
+    for application in built:  # as the `app` fixture tears down
+        audit.shutdown(application)
+        application.extensions["usage_ledger"].close()
+        with application.app_context():
+            db.session.remove()
+            db.engine.dispose()
+
+
+def test_a_rotated_pepper_still_verifies_old_keys_and_rehashes_them(rotated_app):
+    old_pepper, new_pepper = "o" * 40, "n" * 40
+    before = rotated_app(API_KEY_PEPPER=old_pepper)
+    with before.app_context():
+        row, full = apikeys.issue_key(accounts.create_tenant("rotating"), "k", [sc.MODELS_READ])
+        key_id = row.id
+    old_hash = _stored_hash(before, key_id)
+    after = rotated_app(API_KEY_PEPPER=new_pepper, API_KEY_PEPPERS_PREVIOUS=old_pepper)
+    assert after.test_client().get("/v1/auth/me", headers=bearer(full)).status_code == 200
+    new_hash = _stored_hash(after, key_id)
+    assert new_hash != old_hash and after.extensions["api_key_hasher"].is_current(new_hash)
+    # Once the old pepper is dropped, a key still hashed under it no longer verifies.
+    dropped = rotated_app(API_KEY_PEPPER="x" * 40, API_KEY_PEPPERS_PREVIOUS="")
+    resp = dropped.test_client().get("/v1/auth/me", headers=bearer(full))
+    assert_error(resp, 401, "invalid_api_key")
 
 
 class TestOnBothEngines:
@@ -466,7 +577,7 @@ class TestOnBothEngines:
         secret_halves = [apikeys.split_key(key)[1] for key in secrets[:-1]]
         for secret in secrets + secret_halves:
             assert secret not in dump
-        assert all(r["secret_hash"].startswith("$argon2id$") for r in rows["api_keys"])
+        assert all(r["secret_hash"].startswith("hmac-sha256$") for r in rows["api_keys"])
         assert all(r["password_hash"].startswith("$argon2id$") for r in rows["users"])
         assert created["prefix"] == created["key"][:15] and created["prefix"] in dump
 

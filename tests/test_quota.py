@@ -659,3 +659,31 @@ def test_a_worker_killed_mid_generation_gives_its_reservation_back(lease_server,
         assert cut == [(0, {"recovered": "worker_died_mid_request"})], records
         db.engine.dispose()
     reader.extensions["usage_ledger"].close()
+
+
+def test_a_settlement_rides_with_the_next_reservation_in_one_round_trip(app, monkeypatch):
+    """Settling sends nothing by itself; this worker's next reservation carries it, in order, in
+    the same script call, so a tight quota freed by a settlement admits the next request."""
+    from redis.commands.core import Script
+
+    counters = app.extensions["quota_counters"]
+    if not isinstance(counters, quota.RedisCounters):
+        pytest.skip("the in-process counters have no round trips")
+    monkeypatch.setattr(quota, "SETTLE_DELAY_S", 60.0)  # the flusher must not beat the reservation
+    principal = tenant_principal(app, token_quota=100)
+    calls: list[int] = []
+    run = Script.__call__
+
+    def counting(script, keys=(), args=(), client=None):
+        calls.append(len(keys))
+        return run(script, keys=keys, args=args, client=client)
+
+    with app.app_context():
+        first = quota.reserve(principal, 80)
+        monkeypatch.setattr(Script, "__call__", counting)
+        first.settle(10)
+        assert calls == [], "a settlement is queued, not sent"
+        second = quota.reserve(principal, 80)  # 10 + 80 fits only once the settlement has landed
+        assert calls == [4], "one call: the settlement's counter and leases, then the reservation's"
+        second.release()
+        assert quota.counted(principal.tenant_id) == 10

@@ -162,3 +162,35 @@ def test_redis_down_policy(app, sqlite_url, fail_open, expected):
     else:
         assert responses[0].json()["tenant_name"] == "acme"
         assert log.count("Failed to rate limit. Swallowing error") == 3  # the outage is logged, not hidden
+
+
+def test_both_buckets_in_one_round_trip_on_flask_limiters_own_keys(app, client, monkeypatch):
+    """The tenant and credential buckets are hit by one script call, which also reads the identity
+    revision for the cached key, with no second call for the headers, on the keys flask-limiter
+    itself reads: its own window stats see the same counts."""
+    from limits import parse
+    from redis.commands.core import Script
+
+    from app.extensions import limiter
+
+    world = seed(app)
+    set_limits(client, world, rate_limit="5/minute", key_rate_limit="4/minute")
+    assert client.get("/v1/auth/me", headers=bearer(world.a_key)).status_code == 200  # key verified, cached
+    calls: list[int] = []
+    run = Script.__call__
+
+    def counting(script, keys=(), args=(), client=None):
+        calls.append(len(keys))
+        return run(script, keys=keys, args=args, client=client)
+
+    monkeypatch.setattr(Script, "__call__", counting)
+    for _ in range(2):
+        resp = client.get("/v1/auth/me", headers=bearer(world.a_key))
+        assert resp.status_code == 200
+        assert resp.headers["X-RateLimit-Limit"] == "4"  # flask-limiter's header choice: the first by order
+    assert calls == [3, 3], "one script call per request: both buckets and the identity revision"
+    with app.app_context():
+        me = client.get("/v1/auth/me", headers=bearer(world.a_key)).get_json()
+        tenant = limiter.limiter.get_window_stats(parse("5/minute"), world.a_tenant, "tenant")
+        credential = limiter.limiter.get_window_stats(parse("4/minute"), me["subject"], "credential")
+    assert (tenant.remaining, credential.remaining) == (1, 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from app.identity import auth_throttle, cache, cli, models, quota, tokens  # noqa: F401  (models: tables)
+from app.identity import apikeys, auth_throttle, cache, cli, models, quota, tokens  # noqa: F401  (models: tables)
 from app.identity import scopes as sc
 
 
@@ -25,9 +25,11 @@ def oauth2_scheme(url_prefix: str = "") -> dict[str, object]:
 
 
 def init_app(app: Flask) -> None:
-    """Bound by `create_app` after the extensions: caches, JWT settings and blocklist, quota counters, CLI."""
+    """Bound by `create_app` after the extensions: caches, the key hasher, JWT settings and blocklist,
+    quota counters, CLI."""
     cache.init_app(app)
     auth_throttle.init_app(app)
+    apikeys.init_app(app)
     tokens.init_app(app)
     quota.init_app(app)
     cli.init_app(app)

@@ -1,7 +1,9 @@
 """API keys: `gw-<12 hex>_<43 url-safe chars>`.
 
 The part before `_` is the visible prefix, stored and unique, which finds the row without a scan;
-the secret after it (256 random bits) is stored only as an argon2 hash. The full key is returned
+the secret after it (256 random bits) is stored only as its HMAC-SHA256 under the server's pepper
+(see hashing.py for why not argon2; keys stored as argon2 hashes before are upgraded on their
+first successful use). The full key is returned
 once, at creation. Keys start with `gw-` so `authenticate()` tells them from JWTs (`eyJ...`) at a
 glance, and so secret scanners can recognise a leaked one.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
-from flask import current_app
+from flask import Flask, current_app
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -26,7 +28,7 @@ from app.identity import auth_throttle
 from app.identity import scopes as sc
 from app.identity.accounts import check_admin_grant, lookup_session, validate_scopes
 from app.identity.cache import cache
-from app.identity.hashing import hash_secret, verify_secret
+from app.identity.hashing import KeyHasher, verify_secret
 from app.identity.models import ApiKey, Tenant, User, utcnow
 
 log = structlog.get_logger(__name__)
@@ -84,7 +86,7 @@ def issue_key(
         user_id=user.id if user else None,
         name=name,
         prefix=prefix,
-        secret_hash=hash_secret(secret),
+        secret_hash=hasher().hash(secret),
         scopes=sc.join(scopes),
         expires_at=expires_at,
     )
@@ -102,15 +104,32 @@ def revoke_key(key: ApiKey) -> ApiKey:
     return key
 
 
-def verify_key(presented: str) -> VerifiedKey | None:
-    """The key's principal if it is valid now: cached by SHA-256 of the key, else argon2 + database."""
+def hasher() -> KeyHasher:
+    return current_app.extensions["api_key_hasher"]
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["api_key_hasher"] = KeyHasher(
+        str(app.config["API_KEY_PEPPER"]), app.config.get("API_KEY_PEPPERS_PREVIOUS") or ()
+    )
+
+
+def verify_key(presented: str, *, defer_sync: bool = False) -> VerifiedKey | None:
+    """The key's principal if it is valid now: cached by SHA-256 of the key, else HMAC + database.
+
+    `defer_sync`: a cached key is served without reading the identity revision first; the caller
+    promises to read it in the same request and re-authenticate if it changed (limits.check)."""
     digest = hashlib.sha256(presented.encode()).digest()
     store = cache()
-    if store.get(("key", digest)) is None:
+    cached = store.get(("key", digest))
+    if cached is None:
         parts = split_key(presented)
         auth_throttle.refuse_if_blocked(parts[0] if parts else None)
-    store.sync()
-    verified = store.get_or_load(("key", digest), lambda: _load(presented))
+    if cached is not None and defer_sync and store.defer_sync():
+        verified = cached
+    else:
+        store.sync()
+        verified = store.get_or_load(("key", digest), lambda: _load(presented))
     if verified is None or (verified.expires_at is not None and verified.expires_at <= utcnow()):
         return None
     _touch(verified.key_id)
@@ -126,10 +145,9 @@ def find_key(client_id: str, presented: str) -> VerifiedKey | None:
 
 
 def _load(presented: str) -> VerifiedKey | None:
-    """A cache miss: throttled by past failures first (429, no hash), then one argon2 verification,
-    in a real OS thread so the worker's hub keeps serving other requests meanwhile."""
-    from app.inference.offload import run_in_thread  # here: importing app.inference imports this module
-
+    """A cache miss: throttled by past failures first (429, no lookup), then one indexed read and
+    the hash check. A legacy argon2 hash is checked in a real OS thread, so the worker's hub keeps
+    serving other requests meanwhile, and is replaced by an HMAC one once it has verified."""
     parts = split_key(presented)
     prefix, secret = parts if parts is not None else (None, "")
     with auth_throttle.attempt(prefix) as failed:
@@ -139,9 +157,12 @@ def _load(presented: str) -> VerifiedKey | None:
                 key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
         if key is None or key.revoked_at is not None:
             return None  # no hash spent, nothing to guess: counts nowhere
-        if not run_in_thread(verify_secret, key.secret_hash, secret):
+        if not check_secret(key.secret_hash, secret):
             failed()
             return None
+    keys = hasher()
+    if not keys.is_current(key.secret_hash):
+        _rehash(key.id, key.secret_hash, keys.hash(secret))
     return VerifiedKey(
         key_id=key.id,
         tenant_id=key.tenant_id,
@@ -149,6 +170,36 @@ def _load(presented: str) -> VerifiedKey | None:
         scopes=key.scope_set,
         expires_at=key.expires_at,
     )
+
+
+def check_secret(stored_hash: str, secret: str) -> bool:
+    """The one hash check of a presented secret: HMAC inline (a microsecond), legacy argon2 in a
+    real OS thread."""
+    from app.inference.offload import run_in_thread  # here: importing app.inference imports this module
+
+    keys = hasher()
+    if keys.is_hmac(stored_hash):
+        return keys.verify(stored_hash, secret)
+    return bool(run_in_thread(verify_secret, stored_hash, secret))
+
+
+def _rehash(key_id: str, old_hash: str, new_hash: str) -> None:
+    """Replace an argon2 hash, or one under a retired pepper, with one under the current pepper.
+
+    Only if the row still holds the hash that just verified, so a concurrent upgrade on another
+    worker is not undone; in its own transaction, and a failure only means the next use tries again.
+    """
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.secret_hash == old_hash)
+                .values(secret_hash=new_hash)
+            )
+    except SQLAlchemyError as exc:
+        log.warning("api_key_rehash_failed", key_id=key_id, error=str(exc))
+        return
+    log.info("api_key_rehashed", key_id=key_id, scheme="hmac-sha256")
 
 
 def _touch(key_id: str) -> None:

@@ -1,9 +1,11 @@
 """Throttling failed API-key authentications, decided before any hash is computed.
 
-Verifying an API key costs one argon2 hash (about 30 ms of CPU, on the worker's hub). A caller
-who knows a key's prefix, which is public (it is the OAuth2 client_id and shown in listings), can
-send random secrets and make each one cost that hash: a CPU denial of service bought with
-requests. So failed verifications are counted, and once over a limit further attempts are
+Verifying an API key costs a database lookup and a hash check: an HMAC (a microsecond) for keys
+issued or upgraded since hashing.py moved keys off argon2, but one argon2 hash (about 30 ms of CPU)
+for a legacy key until its first successful use rehashes it. A caller who knows a key's prefix,
+which is public (it is the OAuth2 client_id and shown in listings), can send random secrets and
+make each one cost that work: a denial of service bought with requests, and an online guessing
+channel however hopeless. So failed verifications are counted, and once over a limit further attempts are
 refused with 429 `auth_failures_throttled` and Retry-After before the database or the hasher is
 touched. Only failures count, and only those that cost a hash (a wrong secret for an existing,
 unrevoked key): a valid key never consumes any of these budgets, and a malformed key, an unknown

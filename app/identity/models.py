@@ -1,4 +1,5 @@
-"""Tenants, users, API keys and persisted token usage. Secrets are stored only as argon2 hashes."""
+"""Tenants, users, API keys and persisted token usage. Secrets are stored only as hashes:
+argon2id for passwords, HMAC-SHA256 under the server's pepper for API keys (identity/hashing.py)."""
 
 from __future__ import annotations
 

@@ -53,18 +53,20 @@ class Principal:
 
 
 @tracing.step("auth")
-def authenticate(credential: str | None = None) -> Principal:
+def authenticate(credential: str | None = None, *, defer_sync: bool = False) -> Principal:
     """The caller's Principal, once per request; also sets `g.principal` and `g.tenant`.
 
     `credential` is for callers that hold the bearer credential elsewhere than in the
     Authorization header (the console keeps it in its session); it goes through the same checks.
+    `defer_sync` is for `require_scopes` only, whose rate-limit step reads the identity revision
+    (see identity/cache.py) and calls `reauthenticate` if it changed.
     """
     principal = g.get("principal")
     if principal is not None:
         return principal
     token = credential if credential is not None else _bearer_token()
     if looks_like_key(token):
-        principal = _from_api_key(token)  # syncs the cache itself, after the failure throttle's check
+        principal = _from_api_key(token, defer_sync)  # syncs the cache itself, after the throttle's check
     elif token.count(".") == 2:
         cache().sync()
         principal = _from_jwt(token if credential is not None else None)
@@ -78,6 +80,14 @@ def authenticate(credential: str | None = None) -> Principal:
     g.tenant = principal.tenant_id
     structlog.contextvars.bind_contextvars(tenant=principal.tenant_id, subject=principal.subject)
     return principal
+
+
+def reauthenticate() -> Principal:
+    """The identity data changed under a Principal served from the cache: authenticate again,
+    with the tenant settings this request had memoised forgotten too."""
+    g.pop("principal", None)
+    g.pop("_tenant_settings", None)
+    return authenticate()
 
 
 def current_principal() -> Principal:
@@ -100,8 +110,11 @@ def require_scopes(*scopes: str) -> Callable[[F], F]:
     def decorator(fn: F) -> F:
         @wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            check_scopes(authenticate(), scopes)
+            principal = authenticate(defer_sync=True)
+            check_scopes(principal, scopes)
             limits.check()
+            if g.principal is not principal:  # re-authenticated: identity data had changed
+                check_scopes(g.principal, scopes)
             return fn(*args, **kwargs)
 
         requirement = f"Requires scope(s): `{needed}` (or `admin`)." if scopes else "Any valid credential."
@@ -152,8 +165,8 @@ def _bearer_token() -> str:
     return token
 
 
-def _from_api_key(token: str) -> Principal:
-    verified = verify_key(token)
+def _from_api_key(token: str, defer_sync: bool = False) -> Principal:
+    verified = verify_key(token, defer_sync=defer_sync)
     if verified is None:
         raise unauthorized("The API key is invalid, expired or revoked.", "invalid_api_key")
     return Principal(

@@ -53,7 +53,7 @@ from typing import Protocol
 import structlog
 from flask import Flask, current_app
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy import select
 
 from app import tracing
@@ -68,6 +68,8 @@ log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "quota:"
 LEASES_SUFFIX = ":leases"
+# How long a settlement may wait for this worker's next reservation to carry it to Redis.
+SETTLE_DELAY_S = 0.05
 
 # Shared by the scripts below: give back every lease of KEYS[2] whose deadline has passed.
 _RECLAIM = """
@@ -88,27 +90,45 @@ local function reclaim(counter, leases, now)
 end
 """
 
-# KEYS[1] counter hash, KEYS[2] leases; ARGV: tokens, limit, ttl, seed ("" = none), member, lease ms.
-# Returns {status, used, reclaimed}: status 1 admitted, 0 over quota, -1 counter missing (send a seed).
-_RESERVE = (
+# The settlements a worker has queued, then one reservation, in one call (see RedisCounters).
+# KEYS: counter hash and leases of each settlement, then of the reservation. ARGV: the number of
+# settlements, (member, reserved, actual) for each, then the reservation's tokens, limit, ttl,
+# seed ("" = none), member, lease ms. Returns {status, used, reclaimed}: status 1 admitted,
+# 0 over quota, -1 counter missing (send a seed). A settlement is _SETTLE below, inlined.
+_SETTLE_AND_RESERVE = (
     _RECLAIM
     + """
+local settlements = tonumber(ARGV[1])
+for i = 1, settlements do
+  local counter, leases = KEYS[2 * i - 1], KEYS[2 * i]
+  if redis.call('EXISTS', counter) == 1 then
+    local reserved, actual = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+    if redis.call('ZREM', leases, ARGV[3 * i - 1]) == 1 then
+      redis.call('HINCRBY', counter, 'used', actual - reserved)
+    else
+      redis.call('HINCRBY', counter, 'used', actual)
+    end
+  end
+end
+local counter, leases = KEYS[2 * settlements + 1], KEYS[2 * settlements + 2]
+local a = 3 * settlements + 1
+local tokens, limit, ttl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+local seed, member, lease_ms = ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6])
 local now = now_ms()
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[4] == '' then return {-1, 0, 0} end
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'used', ARGV[4])
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+if redis.call('EXISTS', counter) == 0 then
+  if seed == '' then return {-1, 0, 0} end
+  redis.call('DEL', leases)
+  redis.call('HSET', counter, 'used', seed)
+  redis.call('EXPIRE', counter, ttl)
 end
-local reclaimed = reclaim(KEYS[1], KEYS[2], now)
-local used = tonumber(redis.call('HGET', KEYS[1], 'used'))
-local tokens = tonumber(ARGV[1])
-if used + tokens > tonumber(ARGV[2]) then return {0, used, reclaimed} end
+local reclaimed = reclaim(counter, leases, now)
+local used = tonumber(redis.call('HGET', counter, 'used'))
+if used + tokens > limit then return {0, used, reclaimed} end
 if tokens > 0 then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+  redis.call('ZADD', leases, now + lease_ms, member)
+  redis.call('EXPIRE', leases, ttl)
 end
-return {1, redis.call('HINCRBY', KEYS[1], 'used', tokens), reclaimed}
+return {1, redis.call('HINCRBY', counter, 'used', tokens), reclaimed}
 """
 )
 
@@ -158,34 +178,123 @@ class CounterStore(Protocol):
 
 
 class RedisCounters:
+    """The scripts above on one Redis, with settlements batched into this worker's next round trip.
+
+    A settlement only ever lowers the counter towards what was really used (or raises it by usage
+    beyond the reservation, already spent), so it need not reach Redis before the response: it is
+    queued and sent in the same script call as this worker's next reservation, or by a flusher within
+    SETTLE_DELAY_S when no reservation comes. A request then costs one quota round trip, not two.
+    Until it lands the counter still holds the reservation, erring towards refusing, never towards
+    overspending; this worker's own next reservation always sees it (it is sent first, in order),
+    other workers within SETTLE_DELAY_S. Reads (`peek`, `drop`) send the queue first, so they are exact.
+    """
+
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self._reserve = redis.register_script(_RESERVE)
+        self._reserve = redis.register_script(_SETTLE_AND_RESERVE)
         self._settle = redis.register_script(_SETTLE)
         self._peek = redis.register_script(_PEEK)
         self._renew = redis.register_script(_RENEW)
+        self._queued: list[tuple[str, str, int, int]] = []
+        self._queue_lock = threading.Lock()
+        self._work = threading.Event()
+        self._flusher_started = False
 
     def reserve(
         self, key: str, tokens: int, limit: int, ttl: int, seed: int | None, member: str, lease_s: float
     ) -> tuple[int, int, int]:
-        status, used, reclaimed = self._reserve(
-            keys=[key, key + LEASES_SUFFIX],
-            args=[tokens, limit, ttl, "" if seed is None else seed, member, int(lease_s * 1000)],
-        )
+        queued = self._take()
+        keys: list[str] = []
+        args: list[object] = [len(queued)]
+        for settled_key, settled_member, reserved, actual in queued:
+            keys += [settled_key, settled_key + LEASES_SUFFIX]
+            args += [settled_member, reserved, actual]
+        keys += [key, key + LEASES_SUFFIX]
+        args += [tokens, limit, ttl, "" if seed is None else seed, member, int(lease_s * 1000)]
+        try:
+            status, used, reclaimed = self._reserve(keys=keys, args=args)
+        except RedisError as exc:
+            if queued:
+                log.warning("quota_adjust_failed", settlements=len(queued), error=str(exc))
+            raise
         return int(status), int(used), int(reclaimed)
 
     def adjust(self, key: str, member: str, reserved: int, actual: int) -> None:
-        self._settle(keys=[key, key + LEASES_SUFFIX], args=[member, reserved, actual])
+        """Queued; see the class docstring."""
+        with self._queue_lock:
+            self._queued.append((key, member, reserved, actual))
+            start = not self._flusher_started
+            self._flusher_started = True
+        self._work.set()
+        if start:
+            # A greenlet under gunicorn's gevent worker, a daemon thread elsewhere; held weakly.
+            threading.Thread(
+                target=_send_settlements, args=(weakref.ref(self), self._work), daemon=True
+            ).start()
+
+    def flush(self) -> None:
+        """Send the queued settlements now."""
+        queued = self._take()
+        if queued:
+            self._send(queued)
 
     def renew(self, key: str, members: list[str], lease_s: float) -> None:
         self._renew(keys=[key + LEASES_SUFFIX], args=[int(lease_s * 1000), *members])
 
     def drop(self, key: str) -> None:
+        self.flush()
         self.redis.delete(key, key + LEASES_SUFFIX)
 
     def peek(self, key: str) -> tuple[int | None, int]:
+        self.flush()
         used, reclaimed = self._peek(keys=[key, key + LEASES_SUFFIX])
         return (None if int(used) < 0 else int(used)), int(reclaimed)
+
+    def _take(self) -> list[tuple[str, str, int, int]]:
+        with self._queue_lock:
+            queued, self._queued = self._queued, []
+        return queued
+
+    def _send(self, queued: list[tuple[str, str, int, int]]) -> None:
+        """The flusher's round trip: the settlements no reservation has carried, pipelined.
+
+        EVALSHA in a plain pipeline, not redis-py's pipelined Script, which first asks SCRIPT EXISTS
+        (a round trip of its own). A script Redis does not know (it restarted) is sent again through
+        its Script object, which loads it; a settlement that fails otherwise is logged, as a lease
+        then gives its tokens back (see the module docstring).
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        for key, member, reserved, actual in queued:
+            pipe.evalsha(self._settle.sha, 2, key, key + LEASES_SUFFIX, member, reserved, actual)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            log.warning("quota_adjust_failed", settlements=len(queued), error=str(exc))
+            raise
+        for (key, member, reserved, actual), result in zip(queued, results, strict=True):
+            if isinstance(result, NoScriptError):
+                result = self._settle(keys=[key, key + LEASES_SUFFIX], args=[member, reserved, actual])
+            if isinstance(result, Exception):
+                log.warning("quota_adjust_failed", settlements=1, error=str(result))
+
+
+def _send_settlements(ref: weakref.ref[RedisCounters], work: threading.Event) -> None:
+    """The flusher: settlements no reservation has carried go within SETTLE_DELAY_S."""
+    while True:
+        woken = work.wait(1.0)
+        counters = ref()
+        if counters is None:
+            return
+        if woken:
+            work.clear()
+            time.sleep(SETTLE_DELAY_S)  # let a reservation carry them, or gather a batch
+            try:
+                counters.flush()
+            except RedisError:
+                pass  # logged by _send; the leases give the tokens back
+            except Exception:  # the loop must outlive one bad pass; the traceback goes to the log
+                log.exception("quota_settlement_error")
+        del counters
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The per-worker audit writer: a bounded buffer, a background flusher, batches, the spool.
 
-Request path: `submit()` appends to an in-memory deque (no I/O) and `admit()` refuses new work
+Request path: `submit()` appends to an in-memory deque (no I/O, no hashing) and `admit()` refuses new work
 with 503 once the deque holds AUDIT_BUFFER_MAX records, so records are never dropped silently.
 The flusher (a `threading.Thread`, which is a greenlet under gunicorn's gevent worker; psycopg
 >= 3.1.14 yields to the hub on I/O) writes up to AUDIT_BATCH_SIZE records per transaction every
@@ -47,6 +47,8 @@ log = structlog.get_logger(__name__)
 
 RETRY_MAX_S = 2.0
 JOURNAL_SCAN_S = 5.0
+# Bodies up to this size wait in the buffer for the flusher to hash them (a chat is a few KiB).
+HASH_LATER_MAX_BYTES = 64 * 1024
 
 BUFFER_DEPTH = Gauge(
     "gateway_audit_buffer_depth",
@@ -108,9 +110,12 @@ class AuditWriter:
             )
 
     def submit(self, record: Pending) -> None:
-        """Called once the response is sent: hashing now costs the client nothing and keeps the
-        buffer small (hashes, not bodies)."""
-        record.row()
+        """Called once the response is sent. The record is built and hashed by the flusher, in its
+        batch, off the request's greenlet (which, on a kept-alive connection, goes on to the next
+        request), unless its bodies are large: those are hashed now, so that a buffer that grows
+        while the database is slow holds hashes, not bodies (an embeddings answer is megabytes)."""
+        if len(record.request_body) + len(record.response_body) > HASH_LATER_MAX_BYTES:
+            record.row()
         if self.journal is not None:
             self.journal.closed(record)
         self._buffer.append(record)
@@ -207,7 +212,7 @@ class AuditWriter:
                 break
         if taken:
             BUFFER_DEPTH.dec(len(taken))
-        return taken
+        return [record for record in taken if _built(record)]
 
     def _spool_rows(self, records: list[Pending]) -> None:
         if not records:
@@ -319,6 +324,18 @@ class AuditWriter:
         if self.engine.dialect.name == "postgresql":
             stmt = stmt.with_for_update()
         return {chain: (seq, digest) for chain, seq, digest in conn.execute(stmt)}
+
+
+def _built(record: Pending) -> bool:
+    """Build (and hash) a record taken from the buffer. One that cannot be built is a bug in what
+    the request noted: it is logged and left out, so that it cannot fail its whole batch and the
+    spool after it, which is all it could cost when records were built in `submit`."""
+    try:
+        record.row()
+    except Exception:
+        log.exception("audit_record_unbuildable", request_id=record.request_id, endpoint=record.endpoint)
+        return False
+    return True
 
 
 def _flusher(ref: weakref.ref[AuditWriter], wakeup: threading.Condition) -> None:

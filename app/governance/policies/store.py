@@ -1,12 +1,13 @@
 """Policy versions in the database, and the per-worker cache the request path reads them through.
 
 Caching reuses the identity cache (app/identity/cache.py) rather than a cache of its own. The
-request path already reads that cache's Redis revision once per request while authenticating,
-so a policy lookup adds no round trip; a new version bumps the revision after its commit, and
-every worker drops its cached policies (and credentials) on its next request, which is well
-inside the 2 s budget. Dropping the credential entries too costs each worker one argon2 check per
-key after a policy change, a fair price for changes made by hand. If Redis is unreachable,
-entries live out their TTL (AUTH_KEY_CACHE_TTL_S) and a change is late by at most that.
+request path already reads that cache's Redis revision once per request, while authenticating or
+in the rate-limit step (both before the view), so a policy lookup adds no round trip; a new
+version bumps the revision after its commit, and every worker drops its cached policies (and
+credentials) on its next request, which is well inside the 2 s budget. Dropping the credential
+entries too costs each worker one database read and HMAC check per key after a policy change.
+If Redis is unreachable, entries live out their TTL (AUTH_KEY_CACHE_TTL_S) and a change is late
+by at most that.
 
 If the database is unreachable, a worker keeps enforcing the last policy it read for the tenant:
 no new version can be written while it is down, so that is still the policy in force. A worker
