@@ -16,8 +16,9 @@ accepted (only a machine crash would, and then the buffer is gone in any case). 
 series of segments; a segment is sealed after SEGMENT_S and deleted once every record opened in it
 is in the database or the fsynced spool, so a live worker's journal stays a few seconds long.
 
-Recovery: when a worker's writer starts (and its spool is empty), it claims the segments of dead
-workers (renamed to itself, as the spool does, so two starting workers cannot both take one) and
+Recovery: every JOURNAL_SCAN_S (writer.py) each worker's writer claims the segments of dead
+processes (renamed to itself, as the spool does, so two workers cannot both take one; a process
+is named by its pid and start time, so a reused pid is not taken for the dead one) and
 writes a record for every journalled request the database does not have: with its close line's
 status and figures if the response was sent (the record died in the buffer), else with status
 0 and `details.recovered = "worker_died_mid_request"`. A request cut before it was identified has
@@ -49,14 +50,24 @@ log = structlog.get_logger(__name__)
 SEGMENT_S = 5.0
 
 
-def _alive(pid: int) -> bool:
+def _start_time(pid: int) -> str:
+    """When the process began (Linux: /proc/<pid>/stat field 22), so a reused pid is told apart
+    from the process that wrote a journal; "0" where /proc can't say, and then the pid alone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def _alive(pid: int, started: str) -> bool:
+    """Whether the process that wrote as (`pid`, `started`) is still running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return started == "0" or _start_time(pid) == started
 
 
 class Journal:
@@ -65,7 +76,7 @@ class Journal:
     def __init__(self, directory: Path, fingerprint: str) -> None:
         self.directory = directory
         self.fingerprint = fingerprint
-        self._pattern = re.compile(rf"^journal-{fingerprint}-(\d+)-[0-9a-z.-]+\.journal$")
+        self._pattern = re.compile(rf"^journal-{fingerprint}-(\d+)-(\d+)-[0-9a-z.-]+\.journal$")
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._fd: int | None = None
@@ -168,32 +179,31 @@ class Journal:
                     self._path.unlink()
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._pid = os.getpid()
-        self._path = (
-            self.directory / f"journal-{self.fingerprint}-{self._pid}-{uuid.uuid4().hex[:12]}.journal"
-        )
+        self._path = self.directory / f"journal-{self._owner()}-{uuid.uuid4().hex[:12]}.journal"
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._outstanding[self._path] = set()
         self._sealed_at = now + SEGMENT_S
 
     # recovery ----------------------------------------------------------------------------------
+    def _owner(self) -> str:
+        pid = os.getpid()
+        return f"{self.fingerprint}-{pid}-{_start_time(pid)}"
+
     def claim_orphans(self) -> list[Path]:
-        """Segments of dead processes (this database only), renamed to this one."""
+        """Segments of dead processes (this database only), renamed to this one. A live process's
+        segments, this one's included, are never taken: only their writer knows what is durable."""
         claimed: list[Path] = []
         if not self.directory.is_dir():
             return claimed
-        me = os.getpid()
-        own = set(self._outstanding)
+        me = self._owner()
         for path in sorted(self.directory.iterdir()):
             match = self._pattern.match(path.name)
-            if match is None or path in own:
+            if match is None:
                 continue
-            owner = int(match.group(1))
-            if owner != me and _alive(owner):
+            owner, started = int(match.group(1)), match.group(2)
+            if _alive(owner, started):
                 continue
-            target = (
-                self.directory
-                / f"journal-{self.fingerprint}-{me}-from-{owner}.{uuid.uuid4().hex[:12]}.journal"
-            )
+            target = self.directory / f"journal-{me}-from-{owner}.{uuid.uuid4().hex[:12]}.journal"
             try:
                 path.rename(target)
             except FileNotFoundError:
