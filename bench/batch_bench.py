@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import requests
 
-from bench.inference_bench import free_port
+from bench.inference_bench import SETUP_SCRIPT, free_port
 from bench.procs import Server, cpu_seconds, run_checked
 from bench.report import with_companions
 from bench.upstream_sim import run_simulator
@@ -40,18 +40,6 @@ from bench.upstream_sim import run_simulator
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/7")
-SETUP = (
-    "from flask_migrate import upgrade\n"
-    "from app import create_app\n"
-    "from app.extensions import db\n"
-    "from app.identity.accounts import create_tenant\n"
-    "from app.identity.apikeys import issue_key\n"
-    "app = create_app()\n"
-    "with app.app_context():\n"
-    "    upgrade()\n"
-    "    tenant = create_tenant('bench', rate_limit='1000000/minute', key_rate_limit='1000000/minute')\n"
-    "    print(issue_key(tenant, 'bench', ['inference:invoke', 'models:read'])[1])\n"
-)
 
 
 def database(workdir: Path) -> str:
@@ -235,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             "LOG_LEVEL": "WARNING",
             "HF_HUB_OFFLINE": "1",
         }
-        key = run_checked([sys.executable, "-c", SETUP], env, ROOT).strip().splitlines()[-1]
+        key = run_checked([sys.executable, "-c", SETUP_SCRIPT], env, ROOT).strip().splitlines()[-1]
         port = free_port()
         gateway = Server(
             "gateway",

@@ -49,24 +49,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Migrates DATABASE_URL and prints a key of a `bench` tenant with limits no benchmark reaches.
+SETUP_SCRIPT = (
+    "from flask_migrate import upgrade\n"
+    "from app import create_app\n"
+    "from app.extensions import db\n"
+    "from app.identity.accounts import create_tenant\n"
+    "from app.identity.apikeys import issue_key\n"
+    "app = create_app()\n"
+    "with app.app_context():\n"
+    "    upgrade()\n"
+    "    tenant = create_tenant('bench', rate_limit='1000000/minute', key_rate_limit='1000000/minute')\n"
+    "    print(issue_key(tenant, 'bench', ['inference:invoke', 'models:read'])[1])\n"
+)
+
+
 def prepare_database(workdir: Path) -> tuple[str, str]:
     """A migrated SQLite database and an API key, made in a subprocess like `make run` would."""
     url = f"sqlite:///{workdir / 'bench.db'}"
-    code = (
-        "from flask_migrate import upgrade\n"
-        "from app import create_app\n"
-        "from app.extensions import db\n"
-        "from app.identity.accounts import create_tenant\n"
-        "from app.identity.apikeys import issue_key\n"
-        "app = create_app()\n"
-        "with app.app_context():\n"
-        "    upgrade()\n"
-        "    tenant = create_tenant('bench', rate_limit='1000000/minute', key_rate_limit='1000000/minute')\n"
-        "    print(issue_key(tenant, 'bench', ['inference:invoke', 'models:read'])[1])\n"
-    )
     env = {**os.environ, "DATABASE_URL": url, "APP_ENV": "development", "LOG_LEVEL": "WARNING"}
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", SETUP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     return url, out.stdout.strip().splitlines()[-1]
 
