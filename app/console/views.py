@@ -20,7 +20,7 @@ from app.governance.pagination import paginate
 from app.governance.policies.routes import PolicyWriteSchema, effective_policy, set_policy
 from app.governance.registry import service as registry
 from app.governance.registry.routes import TrafficSchema, all_models
-from app.governance.usage import UsageArgsSchema, usage_for
+from app.governance.usage.routes import UsageArgsSchema, usage_for
 from app.identity import limits
 from app.identity import scopes as sc
 from app.identity.apikeys import revoke_key, split_key

@@ -8,8 +8,9 @@ AUDIT_FLUSH_INTERVAL_MS, or sooner when a batch is full.
 
 Appending to a chain: the heads of the batch's chains are locked (PostgreSQL: SELECT ... FOR
 UPDATE in chain order, so two writers never deadlock; SQLite: a no-op UPDATE first takes the
-database's write lock), then the rows get seq = head + 1... and their hashes, and the heads
-move, all in one transaction. Any number of workers and instances can append concurrently.
+database's write lock), then the rows get seq = head + 1... and their hashes, the heads move and
+the days' usage totals (usage/rollup.py) grow by the batch, all in one transaction. Any number of
+workers and instances can append concurrently.
 
 When a write fails the batch goes to the spool, and from then on every batch goes behind it
 (records stay in order) until a replay drains it; replays retry with a backoff capped at
@@ -42,6 +43,7 @@ from app.governance.audit.journal import Journal
 from app.governance.audit.models import AuditChainHead, AuditRecord
 from app.governance.audit.records import GENESIS_HASH, Pending, record_hash
 from app.governance.audit.spool import Spool, database_fingerprint
+from app.governance.usage import rollup
 
 log = structlog.get_logger(__name__)
 
@@ -293,6 +295,7 @@ class AuditWriter:
                 heads[row["chain"]] = (seq + 1, linked["hash"])
                 chained.append(linked)
             conn.execute(insert(_records), chained)
+            rollup.add(conn, chained)
             conn.execute(
                 update(_heads)
                 .where(_heads.c.chain == bindparam("b_chain"))
