@@ -340,6 +340,46 @@ def test_outage_spools_and_replay_is_idempotent(app, client, world, tmp_path):
     assert verify(client, world.admin)["ok"] is True
 
 
+@pytest.mark.parametrize("any_database_url", ["postgresql"], indirect=True)
+def test_writers_append_to_one_chain_without_holding_its_lock(app, client, world, tmp_path):
+    """Two writers (two workers) on one tenant's chain. On PostgreSQL an append is one
+    autocommitted statement, so no lock outlives it, whatever the writer's hub does between round
+    trips: a writer whose view of the head is stale is refused by (chain, seq)'s uniqueness,
+    rereads the head and relinks. Every record lands once, in one unbroken chain, counted once."""
+    with app.app_context():
+        engine = db.engine
+    first, second = (
+        AuditWriter(
+            engine, spool_dir=tmp_path / n, buffer_max=100, batch_size=50, flush_interval_s=1, journal=False
+        )
+        for n in ("first", "second")
+    )
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    conflicts = audit.writer.CHAIN_CONFLICTS._value.get()
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for writer in [first, second, first, first, second]:
+            batch = _pending(world.acme, 3, request_id=None)
+            for record in batch:
+                record.noted = {"model": "m", "tokens_in": 1}
+            statements.clear()
+            assert writer.write([record.row() for record in batch], replay=False) == 3
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    # The second writer's last batch was linked to the head it had left, which the first had moved.
+    assert statements == ["WITH", "SELECT", "WITH"]
+    assert audit.writer.CHAIN_CONFLICTS._value.get() - conflicts == 2  # and the first's second batch
+    rows = sorted((r for r in records(app) if r["chain"] == world.acme), key=lambda r: r["seq"])
+    assert [r["seq"] for r in rows] == list(range(1, 16))
+    assert verify(client, world.admin)["ok"] is True
+    report = call(client, "GET", "/v1/governance/usage", world.admin, query_string={"tenant_id": world.acme})
+    assert [(r["requests"], r["tokens_in"]) for r in report.get_json()["data"]] == [(15, 15)]
+
+
 def test_a_dead_workers_spool_is_claimed_and_replayed(app, client, world, runner):
     writer: AuditWriter = app.extensions["audit"]
     dead_pid = subprocess.Popen(["true"])

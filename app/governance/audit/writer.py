@@ -34,9 +34,10 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter, Gauge
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import BigInteger, Engine, String, bindparam, column, insert, select, update, values
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 
 from app.errors import APIError
 from app.governance.audit.journal import Journal
@@ -49,6 +50,10 @@ log = structlog.get_logger(__name__)
 
 RETRY_MAX_S = 2.0
 JOURNAL_SCAN_S = 5.0
+# An optimistic append (`_append`) relinked this often before it locks the heads instead.
+APPEND_ATTEMPTS = 3
+# Rows per append statement: PostgreSQL takes at most 65,535 parameters in one (about 27 a row).
+APPEND_MAX_ROWS = 1000
 # Bodies up to this size wait in the buffer for the flusher to hash them (a chat is a few KiB).
 HASH_LATER_MAX_BYTES = 64 * 1024
 
@@ -60,6 +65,10 @@ BUFFER_DEPTH = Gauge(
 WRITTEN = Counter("gateway_audit_written_total", "Audit records inserted into the database (replays too).")
 SPOOLED = Counter("gateway_audit_spooled_total", "Audit records written to the local spool.")
 REPLAYED = Counter("gateway_audit_replayed_total", "Spooled audit records inserted into the database.")
+CHAIN_CONFLICTS = Counter(
+    "gateway_audit_chain_conflicts_total",
+    "Appends relinked because another writer had moved one of their chains' heads.",
+)
 RECOVERED = Counter(
     "gateway_audit_recovered_total",
     "Records written from dead workers' journals (cut requests, lost buffers).",
@@ -94,6 +103,8 @@ class AuditWriter:
         self._pid: int | None = None
         self._closed = False
         self._known_heads: set[str] = set()
+        # (seq, hash) of chain heads as this writer last wrote or read them (see `_append`).
+        self._heads_seen: dict[str, tuple[int, str]] = {}
         self._spool_files: list[Path] = []
         self._scan_spool = False
         self._backoff_s = 0.0
@@ -268,7 +279,7 @@ class AuditWriter:
 
     # the database ----------------------------------------------------------------------------
     def write(self, records: Sequence[Pending] | Sequence[dict[str, Any]], *, replay: bool) -> int:
-        """Append rows to their chains in one transaction; returns how many were inserted."""
+        """Append rows to their chains atomically; returns how many were inserted."""
         rows = [r.row() if isinstance(r, Pending) else r for r in records]
         if replay:
             unique: dict[str, dict[str, Any]] = {}
@@ -279,6 +290,63 @@ class AuditWriter:
             return 0
         chains = sorted({row["chain"] for row in rows})
         self._ensure_heads(chains)
+        if replay or self.engine.dialect.name != "postgresql":
+            written = self._write_locked(rows, chains, replay=replay)
+        else:
+            written = sum(
+                self._append(rows[i : i + APPEND_MAX_ROWS], chains)
+                for i in range(0, len(rows), APPEND_MAX_ROWS)
+            )
+        WRITTEN.inc(written)
+        return written
+
+    def _append(self, rows: list[dict[str, Any]], chains: list[str]) -> int:
+        """PostgreSQL: the batch as one autocommitted statement, linked to the heads last seen.
+
+        The locked transaction (`_write_locked`) holds the heads' row locks from its SELECT ...
+        FOR UPDATE to its COMMIT: five round trips, and under gevent each is a wait for the hub,
+        which on a busy worker takes a while. Another worker appending to the same tenant's chain
+        waited all that time; in bench/soak.py (2 workers, 200 req/s) a flusher's INSERT sat 6.9 s
+        in ClientRead while the other writer waited 6.5 s, and both buffers filled. So the usual
+        append takes no lock from Python at all: the rows are linked to the heads this writer last
+        saw, and one statement inserts them, adds the usage totals and moves the heads, as a single
+        transaction whose locks live only while PostgreSQL runs it. If another writer appended to
+        one of the chains meanwhile, the statement's first row takes a seq that exists: the
+        unique (chain, seq) constraint refuses the whole statement, the heads are read again and
+        the batch is relinked. After APPEND_ATTEMPTS such conflicts it takes the locked path.
+        """
+        for _ in range(APPEND_ATTEMPTS):
+            missing = [c for c in chains if c not in self._heads_seen]
+            if missing:
+                with self.engine.connect() as conn:
+                    stmt = select(_heads.c.chain, _heads.c.seq, _heads.c.hash).where(
+                        _heads.c.chain.in_(missing)
+                    )
+                    self._heads_seen.update(
+                        {chain: (seq, digest) for chain, seq, digest in conn.execute(stmt)}
+                    )
+                    conn.rollback()
+            before = {c: self._heads_seen[c] for c in chains}
+            chained, after = _link(rows, before)
+            try:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.execute(_append_statement(chained, before, after))
+            except IntegrityError as exc:
+                if "uq_audit_chain_seq" not in str(exc.orig):
+                    raise
+                for chain in chains:
+                    self._heads_seen.pop(chain, None)
+                CHAIN_CONFLICTS.inc()
+                continue
+            self._heads_seen.update(after)
+            self._durable(chained)
+            return len(chained)
+        return self._write_locked(rows, chains, replay=False)
+
+    def _write_locked(self, rows: list[dict[str, Any]], chains: list[str], *, replay: bool) -> int:
+        """Lock the heads, link, insert, add the totals, move the heads, commit. Replays come this
+        way (they check, under the lock, which of their records are already in), as does SQLite,
+        whose writes take the database's write lock and never wait on a hub."""
         with self.engine.begin() as conn:
             heads = self._lock_heads(conn, chains)
             if replay:
@@ -287,25 +355,23 @@ class AuditWriter:
                 rows = [row for row in rows if row["record_id"] not in done]
                 if not rows:
                     return 0
-            chained = []
-            for row in rows:
-                seq, prev = heads[row["chain"]]
-                linked = {**row, "seq": seq + 1, "prev_hash": prev}
-                linked["hash"] = record_hash(linked)
-                heads[row["chain"]] = (seq + 1, linked["hash"])
-                chained.append(linked)
+            chained, after = _link(rows, heads)
             conn.execute(insert(_records), chained)
             rollup.add(conn, chained)
             conn.execute(
                 update(_heads)
                 .where(_heads.c.chain == bindparam("b_chain"))
                 .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")),
-                [{"b_chain": c, "b_seq": s, "b_hash": h} for c, (s, h) in heads.items()],
+                [{"b_chain": c, "b_seq": s, "b_hash": h} for c, (s, h) in after.items()],
             )
-        WRITTEN.inc(len(chained))
-        if self.journal is not None and not replay:
-            self.journal.durable(row["record_id"] for row in chained)
+        self._heads_seen.update(after)
+        if not replay:
+            self._durable(chained)
         return len(chained)
+
+    def _durable(self, chained: list[dict[str, Any]]) -> None:
+        if self.journal is not None:
+            self.journal.durable(row["record_id"] for row in chained)
 
     def _ensure_heads(self, chains: list[str]) -> None:
         """Create missing heads in a transaction of their own, so a batch never holds a new row's lock."""
@@ -327,6 +393,43 @@ class AuditWriter:
         if self.engine.dialect.name == "postgresql":
             stmt = stmt.with_for_update()
         return {chain: (seq, digest) for chain, seq, digest in conn.execute(stmt)}
+
+
+def _link(
+    rows: list[dict[str, Any]], heads: dict[str, tuple[int, str]]
+) -> tuple[list[dict[str, Any]], dict[str, tuple[int, str]]]:
+    """The rows with seq, prev_hash and hash, each after the one before in its chain; new heads."""
+    heads = dict(heads)
+    chained = []
+    for row in rows:
+        seq, prev = heads[row["chain"]]
+        linked = {**row, "seq": seq + 1, "prev_hash": prev}
+        linked["hash"] = record_hash(linked)
+        heads[row["chain"]] = (seq + 1, linked["hash"])
+        chained.append(linked)
+    return chained, heads
+
+
+def _append_statement(
+    chained: list[dict[str, Any]], before: dict[str, tuple[int, str]], after: dict[str, tuple[int, str]]
+) -> Any:
+    """INSERT the records and add the usage totals (as CTEs), then UPDATE the heads that are
+    still where the rows were linked: one statement, so one transaction."""
+    moves = values(
+        column("chain", String),
+        column("old_seq", BigInteger),
+        column("seq", BigInteger),
+        column("hash", String),
+        name="moves",
+    ).data([(chain, before[chain][0], seq, digest) for chain, (seq, digest) in sorted(after.items())])
+    ctes = [insert(_records).values(chained).cte("appended")]
+    ctes += [upsert.cte(f"usage_{i}") for i, upsert in enumerate(rollup.upserts("postgresql", chained))]
+    return (
+        update(_heads)
+        .where(_heads.c.chain == moves.c.chain, _heads.c.seq == moves.c.old_seq)
+        .values(seq=moves.c.seq, hash=moves.c.hash)
+        .add_cte(*ctes)
+    )
 
 
 def _built(record: Pending) -> bool:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import date
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Date, Integer, String
+from sqlalchemy import BigInteger, Connection, Date, Insert, Integer, String
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, mapped_column
@@ -115,23 +115,15 @@ def totals(rows: Iterable[Mapping[str, Any]]) -> tuple[dict[Key, list[int]], dic
     return daily, latency
 
 
-def add(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Add audit rows to the totals, in the caller's transaction (the one inserting them)."""
+def upserts(dialect: str, rows: Sequence[Mapping[str, Any]]) -> list[Insert]:
+    """The statements that add audit rows to the totals (none for a batch with no inference)."""
     daily, latency = totals(rows)
     if not daily:
-        return
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    # No lock order to keep: a tenant's totals are only written by a transaction that holds its
-    # audit chain's head (the writer locks it first), so two writers never meet on these rows.
-    stmt = insert(_daily)
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["tenant_id", "model", "day"],
-            set_={
-                name: _daily.c[name] + stmt.excluded[name]
-                for name in ("requests", "tokens_in", "tokens_out", "errors")
-            },
-        ),
+        return []
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    # No lock order to keep: a tenant's totals are only written by a transaction that appends to
+    # its audit chain (the head row's lock, or its seq's uniqueness, orders them).
+    add_daily = insert(_daily).values(
         [
             {
                 "tenant_id": t,
@@ -143,17 +135,32 @@ def add(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
                 "errors": e,
             }
             for (t, m, d), (r, i, o, e) in sorted(daily.items())
-        ],
+        ]
     )
+    sums = ("requests", "tokens_in", "tokens_out", "errors")
+    statements = [
+        add_daily.on_conflict_do_update(
+            index_elements=["tenant_id", "model", "day"],
+            set_={name: _daily.c[name] + add_daily.excluded[name] for name in sums},
+        )
+    ]
     if latency:
-        stmt = insert(_latency)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["tenant_id", "model", "day", "bucket"],
-                set_={"count": _latency.c.count + stmt.excluded.count},
-            ),
+        add_latency = insert(_latency).values(
             [
                 {"tenant_id": t, "model": m, "day": d, "bucket": b, "count": n}
                 for ((t, m, d), b), n in sorted(latency.items())
-            ],
+            ]
         )
+        statements.append(
+            add_latency.on_conflict_do_update(
+                index_elements=["tenant_id", "model", "day", "bucket"],
+                set_={"count": _latency.c.count + add_latency.excluded.count},
+            )
+        )
+    return statements
+
+
+def add(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add audit rows to the totals, in the caller's transaction (the one inserting them)."""
+    for statement in upserts(conn.dialect.name, rows):
+        conn.execute(statement)
