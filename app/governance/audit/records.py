@@ -42,7 +42,7 @@ _STRING_LIMITS: dict[str, int] = {
 SAFE_FORM_FIELDS = ("grant_type", "username", "client_id", "scope")
 
 
-def _default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         # Hashed as naive UTC, the form every record has been hashed in since the first: records
         # hashed before timestamps became timezone-aware still verify. Exports (and offline
@@ -57,7 +57,7 @@ def _default(value: Any) -> Any:
 
 def canonical_json(value: Any) -> str:
     """Sorted keys, no whitespace, UTF-8 as is: the same object always gives the same text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_default)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=json_default)
 
 
 def sha256_hex(text: str) -> str:

@@ -18,6 +18,7 @@ a unique key, so they could not be upserted) and reported as null.
 
 from __future__ import annotations
 
+import json
 import math
 from bisect import bisect_left
 from collections import defaultdict
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import date
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Date, Insert, Integer, String
+from sqlalchemy import BigInteger, Connection, Date, Integer, String
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, mapped_column
@@ -115,52 +116,77 @@ def totals(rows: Iterable[Mapping[str, Any]]) -> tuple[dict[Key, list[int]], dic
     return daily, latency
 
 
-def upserts(dialect: str, rows: Sequence[Mapping[str, Any]]) -> list[Insert]:
-    """The statements that add audit rows to the totals (none for a batch with no inference)."""
-    daily, latency = totals(rows)
-    if not daily:
-        return []
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    # No lock order to keep: a tenant's totals are only written by a transaction that appends to
-    # its audit chain (the head row's lock, or its seq's uniqueness, orders them).
-    add_daily = insert(_daily).values(
-        [
-            {
-                "tenant_id": t,
-                "model": m,
-                "day": d,
-                "requests": r,
-                "tokens_in": i,
-                "tokens_out": o,
-                "errors": e,
-            }
-            for (t, m, d), (r, i, o, e) in sorted(daily.items())
-        ]
-    )
-    sums = ("requests", "tokens_in", "tokens_out", "errors")
-    statements = [
-        add_daily.on_conflict_do_update(
-            index_elements=["tenant_id", "model", "day"],
-            set_={name: _daily.c[name] + add_daily.excluded[name] for name in sums},
-        )
+def _daily_rows(daily: dict[Key, list[int]]) -> list[dict[str, Any]]:
+    return [
+        {"tenant_id": t, "model": m, "day": d, "requests": r, "tokens_in": i, "tokens_out": o, "errors": e}
+        for (t, m, d), (r, i, o, e) in sorted(daily.items())
     ]
-    if latency:
-        add_latency = insert(_latency).values(
-            [
-                {"tenant_id": t, "model": m, "day": d, "bucket": b, "count": n}
-                for ((t, m, d), b), n in sorted(latency.items())
-            ]
-        )
-        statements.append(
-            add_latency.on_conflict_do_update(
-                index_elements=["tenant_id", "model", "day", "bucket"],
-                set_={"count": _latency.c.count + add_latency.excluded.count},
-            )
-        )
-    return statements
+
+
+def _latency_rows(latency: dict[tuple[Key, int], int]) -> list[dict[str, Any]]:
+    return [
+        {"tenant_id": t, "model": m, "day": d, "bucket": b, "count": n}
+        for ((t, m, d), b), n in sorted(latency.items())
+    ]
 
 
 def add(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Add audit rows to the totals, in the caller's transaction (the one inserting them)."""
-    for statement in upserts(conn.dialect.name, rows):
-        conn.execute(statement)
+    """Add audit rows to the totals, in the caller's transaction (the one inserting them).
+
+    No lock order to keep: a tenant's totals are only written by a transaction that appends to
+    its audit chain (which the head row's lock, or its seq's uniqueness, serialises)."""
+    daily, latency = totals(rows)
+    if not daily:
+        return
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    add_daily = insert(_daily)
+    sums = ("requests", "tokens_in", "tokens_out", "errors")
+    conn.execute(
+        add_daily.on_conflict_do_update(
+            index_elements=["tenant_id", "model", "day"],
+            set_={name: _daily.c[name] + add_daily.excluded[name] for name in sums},
+        ),
+        _daily_rows(daily),
+    )
+    if latency:
+        add_latency = insert(_latency)
+        conn.execute(
+            add_latency.on_conflict_do_update(
+                index_elements=["tenant_id", "model", "day", "bucket"],
+                set_={"count": _latency.c.count + add_latency.excluded.count},
+            ),
+            _latency_rows(latency),
+        )
+
+
+# PostgreSQL, for the writer's one-statement append: the same upserts as CTEs over JSON
+# parameters (:usage_daily, :usage_latency), so the statement's text never changes with the batch.
+POSTGRES_CTES = """\
+usage_daily_added AS (
+  INSERT INTO usage_daily (tenant_id, model, day, requests, tokens_in, tokens_out, errors)
+  SELECT tenant_id, model, day, requests, tokens_in, tokens_out, errors
+  FROM json_to_recordset(CAST(:usage_daily AS json)) AS d(
+    tenant_id varchar, model varchar, day date, requests bigint, tokens_in bigint, tokens_out bigint,
+    errors bigint)
+  ON CONFLICT (tenant_id, model, day) DO UPDATE SET
+    requests = usage_daily.requests + EXCLUDED.requests,
+    tokens_in = usage_daily.tokens_in + EXCLUDED.tokens_in,
+    tokens_out = usage_daily.tokens_out + EXCLUDED.tokens_out,
+    errors = usage_daily.errors + EXCLUDED.errors
+),
+usage_latency_added AS (
+  INSERT INTO usage_latency (tenant_id, model, day, bucket, count)
+  SELECT tenant_id, model, day, bucket, count
+  FROM json_to_recordset(CAST(:usage_latency AS json)) AS l(
+    tenant_id varchar, model varchar, day date, bucket integer, count bigint)
+  ON CONFLICT (tenant_id, model, day, bucket) DO UPDATE SET count = usage_latency.count + EXCLUDED.count
+)"""
+
+
+def postgres_params(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The JSON parameters of POSTGRES_CTES for a batch of audit rows."""
+    daily, latency = totals(rows)
+    return {
+        "usage_daily": json.dumps(_daily_rows(daily), default=str),
+        "usage_latency": json.dumps(_latency_rows(latency), default=str),
+    }
