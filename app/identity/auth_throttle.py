@@ -57,9 +57,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -217,6 +217,26 @@ def _storage_down(exc: RedisError) -> None:
     raise rate_limit_unavailable() from exc
 
 
+# The body of an early refusal, `% (retry_after, request_id)`: the app's own 429 (`_refusal`,
+# rendered by app/errors.py), built once rather than JSON-encoded per request.
+_EARLY_BODY = (
+    json.dumps(
+        {
+            "error": {
+                "message": _message(86_400_017),
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "auth_failures_throttled",
+            },
+            "request_id": "{request_id}",
+        }
+    )
+    .encode()
+    .replace(b"86400017", b"%d")
+    .replace(b"{request_id}", b"%s")
+)
+
+
 class EarlyRefusal:
     """WSGI middleware: the 429 of a block this worker already knows, before Flask is entered.
 
@@ -229,6 +249,7 @@ class EarlyRefusal:
 
     def __init__(self, app: Flask, wsgi_app: Callable[..., Iterable[bytes]]) -> None:
         from app.identity.apikeys import KEY_PREFIX, split_key  # apikeys imports this module
+        from app.observability import VALID_REQUEST_ID
 
         self.wsgi_app = wsgi_app
         self.key_prefix = "Bearer " + KEY_PREFIX
@@ -237,49 +258,46 @@ class EarlyRefusal:
             "auth_throttle_blocks", {}
         )
         self.cache = app.extensions["identity_cache"]
+        self.valid_request_id = VALID_REQUEST_ID
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if self.blocks:
-            until = self._blocked_until(environ)
-            if until is not None:
-                return self._refuse(environ, start_response, until)
+        if self.blocks:  # no block known (the usual case): one truth test, and on to the app
+            authorization: str = environ.get("HTTP_AUTHORIZATION", "")
+            if authorization.startswith(self.key_prefix):
+                until = self._blocked_until(environ, authorization)
+                if until is not None:
+                    return self._refuse(environ, start_response, until)
         return self.wsgi_app(environ, start_response)
 
-    def _blocked_until(self, environ: dict[str, Any]) -> float | None:
-        authorization: str = environ.get("HTTP_AUTHORIZATION", "")
-        if not authorization.startswith(self.key_prefix):
-            return None
+    def _blocked_until(self, environ: dict[str, Any], authorization: str) -> float | None:
+        """When the latest block on this request's buckets ends, or None (none, or a cached key)."""
+        blocks = self.blocks
+        address = environ.get("REMOTE_ADDR") or "unknown"
         presented = authorization[7:].strip()
+        now = time.time()
+        until = blocks.get(("address", address))
+        if until is not None and until <= now:
+            until = None
+        parts = self.split_key(presented)
+        if parts is not None:
+            pair = blocks.get(("pair", parts[0], address))
+            if pair is not None and pair > now and (until is None or pair > until):
+                until = pair
+        if until is None:
+            return None
         if self.cache.get(("key", hashlib.sha256(presented.encode()).digest())) is not None:
             return None  # verified and cached: served without a hash, never throttled
-        parts = self.split_key(presented)
-        address = environ.get("REMOTE_ADDR") or "unknown"
-        buckets: list[tuple[str, ...]] = [("address", address)]
-        if parts is not None:
-            buckets.append(("pair", parts[0], address))
-        now = time.time()
-        ends = [end for end in (self.blocks.get(b) for b in buckets) if end is not None and end > now]
-        return max(ends) if ends else None
+        return until
 
     def _refuse(
         self, environ: dict[str, Any], start_response: Callable[..., Any], until: float
     ) -> list[bytes]:
-        from app.observability import valid_request_id
-
         REFUSED_EARLY.inc()
         retry_after = max(1, math.ceil(until - time.time()))
-        rid = valid_request_id(environ.get("HTTP_X_REQUEST_ID")) or uuid.uuid4().hex
-        body = json.dumps(
-            {
-                "error": {
-                    "message": _message(retry_after),
-                    "type": "rate_limit_error",
-                    "param": None,
-                    "code": "auth_failures_throttled",
-                },
-                "request_id": rid,
-            }
-        ).encode()
+        supplied = environ.get("HTTP_X_REQUEST_ID")
+        rid = supplied if supplied and self.valid_request_id.match(supplied) else os.urandom(16).hex()
+        # The id is [A-Za-z0-9._:-] and the number digits: neither needs JSON escaping.
+        body = _EARLY_BODY % (retry_after, rid.encode())
         start_response(
             "429 TOO MANY REQUESTS",
             [
@@ -292,6 +310,7 @@ class EarlyRefusal:
         return [body]
 
 
-def init_app(app: Flask) -> None:
-    """Put `EarlyRefusal` in front of the app."""
+def install_early_refusal(app: Flask) -> None:
+    """Put `EarlyRefusal` in front of the app, outermost: called after every other middleware is
+    installed (the admission gate included), so a refusal costs none of them."""
     app.wsgi_app = EarlyRefusal(app, app.wsgi_app)  # type: ignore[method-assign]
