@@ -175,7 +175,13 @@ def flood_target(url: str, key: str) -> Target:
 
 
 def _valid_row(run: dict, rate: float, cpu_s: float | None = None) -> dict[str, object]:
-    row: dict[str, object] = {"rate": rate, "latency_ms": run["latency_ms"], "errors": run["errors"]}
+    row: dict[str, object] = {
+        "rate": rate,
+        "latency_ms": run["latency_ms"],
+        "errors": run["errors"],
+        # The load generator's own lateness, part of latency_ms (it shares core 1 with Redis).
+        "send_lag_ms": run["send_lag_ms"],
+    }
     if cpu_s is not None:
         row["worker_cpu_s"] = round(cpu_s, 3)
     return row
