@@ -181,6 +181,8 @@ def _valid_row(run: dict, rate: float, cpu_s: float | None = None) -> dict[str, 
         "errors": run["errors"],
         # The load generator's own lateness, part of latency_ms (it shares core 1 with Redis).
         "send_lag_ms": run["send_lag_ms"],
+        # Per second of the run: whether a delay is spread or one burst (the flood's first hashes).
+        "p99_by_second_ms": [second["p99"] for second in run["by_second"]],
     }
     if cpu_s is not None:
         row["worker_cpu_s"] = round(cpu_s, 3)

@@ -42,11 +42,23 @@ refused without a Redis round trip or a wait.
 
 Even that refusal, made in Flask, costs a whole request: hooks, the error handler, metrics, the
 access log line (0.83 ms of CPU each, bench/auth_bench.py: a 250/s flood took 21% of a core). So
-`EarlyRefusal`, in front of the Flask app in WSGI, answers a request whose API key this worker
-already knows to be blocked (by its address, or its address on that prefix) with the same 429
-before Flask sees it; a key the worker has verified and cached still passes, as above. Those
-refusals are counted in `gateway_auth_throttled_early_total` and, to keep a flood from flooding
-the logs too, logged only as the block itself (one line when a bucket goes over its limit).
+`EarlyRefusal`, the outermost WSGI layer (outside the admission gate too: a flood takes none of
+its slots), answers a request whose API key this worker already knows to be blocked (by its
+address, or its address on that prefix) with the same 429 before anything else of ours runs; a
+key the worker has verified and cached still passes, as above. Those refusals are counted in
+`gateway_auth_throttled_early_total` and, to keep a flood from flooding the logs too, logged only
+as the block itself (one line when a bucket goes over its limit).
+
+What a flood costs then is the HTTP server's own work. Our part of an early refusal is about
+10 us of CPU in process (two dict lookups, the key's shape, a prebuilt body, the counter; it was
+27 us behind the admission gate). The worker spends 0.3-0.6 ms per flood request in all, and
+gunicorn's gevent worker with our gunicorn.conf.py spends as much answering the same 429 from a
+bare WSGI app (bench/floor_app.py, the `floor` row of `python -m bench.auth_bench --flood-only`):
+in three runs (commits 2f63559 and f53b39d, 2026-12-04, 10,000 bad secrets at 250/s, a quiet
+moment of this shared 2-core machine), ours 0.32-0.56 ms against the floor's 0.39-0.52 ms in the
+same run (0.81-1.08 times the floor), 8-14% of a core. That is the server's floor (a wakeup per
+request, reading and parsing it, the environ, the response), not the throttle's: under 5% of a
+core at 250/s would need 0.2 ms a request, less than gunicorn itself takes here.
 
 If the storage is unreachable, RATELIMIT_FAIL_OPEN decides, as for every other limit: true
 verifies as if no failures were counted, false answers 503 `rate_limit_unavailable`.
