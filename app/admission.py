@@ -192,8 +192,9 @@ def _overloaded(environ: dict[str, Any], start_response: Callable[..., Any], rea
 
 
 def install_gate(app: Flask) -> None:
-    """Wrap the app's WSGI callable last, outside every other middleware (tracing's included), so
-    a refused request costs none of them."""
+    """Wrap the app's WSGI callable outside every other middleware (tracing's included), so a
+    refused request costs none of them; only the auth throttle's early refusal is outside it (it
+    never waits, and a flood it refuses should not take the gate's slots or bookkeeping)."""
     gate = AdmissionGate(
         int(app.config["MAX_IN_FLIGHT"]),
         int(app.config["MAX_PENDING"]),

@@ -188,6 +188,8 @@ def _register_extensions(app: Flask) -> None:
     drift.init_app(app)
     audit.init_app(app)
     admission.install_gate(app)
+    # Outermost: a flood's known-blocked key is refused before the gate, metrics and Flask.
+    identity.auth_throttle.install_early_refusal(app)
 
 
 def _register_blueprints(app: Flask, url_prefix: str) -> None:

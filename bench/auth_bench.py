@@ -17,10 +17,16 @@ purpose), so one worker can't take 500 req/s; that case is also measured at ``--
 The flood (``flood`` in auth.json): ``--flood`` requests carrying the bench key's real prefix with
 a wrong secret, at ``--flood-rate`` from eight loopback addresses (127.0.0.2-9, so the per-prefix
 throttle is exercised, not only the per-address one), while valid requests arrive at
-``--valid-rate`` from 127.0.0.1; the same valid load alone, for as long, is the baseline. The
-flood's cost is the worker's extra CPU time (utime+stime from /proc) over the baseline run's,
-as a share of one core; every 401 the flood got is one argon2 hash, every 429 none. The forged
-secret is the same on every request: nothing caches a failure, so each costs what a random one would.
+``--valid-rate`` from 127.0.0.1; the same valid load alone, for as long, before and after, are the
+baselines. The flood's cost is the worker's extra CPU time (utime+stime from /proc) over the first
+baseline run's, as a share of one core; every 401 the flood got is one hash, every 429 none. The
+forged secret is the same on every request: nothing caches a failure, so each costs what a random
+one would. ``valid_p99_delay_ms`` is the flooded run's valid p99 minus the better baseline's.
+
+The floor (``flood.floor``): the same flood, from the same load generator, at ``bench/floor_app.py``
+(the same gunicorn gevent worker and gunicorn.conf.py, answering the same 429 body with no code of
+ours), minus that worker's idle CPU: what one request costs this HTTP server before any
+application runs. ``ratio_to_floor`` is ours per request over the floor's.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ def empty_catalogue(workdir: Path) -> Path:
     return path
 
 
-def start(workdir: Path, db_url: str, cache_ttl: str) -> tuple[subprocess.Popen, str]:
+def start(
+    workdir: Path, db_url: str, cache_ttl: str, app: str = "bench.auth_app:app"
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
@@ -76,7 +84,7 @@ def start(workdir: Path, db_url: str, cache_ttl: str) -> tuple[subprocess.Popen,
             "gunicorn",
             "-c",
             "gunicorn.conf.py",
-            "bench.auth_app:app",
+            app,
         ],
         cwd=ROOT,
         env=env,
@@ -156,24 +164,46 @@ async def _flood_and_valid(valid, flood, valid_rate: float, flood_rate: float, c
     )
 
 
+def flood_target(url: str, key: str) -> Target:
+    prefix = key.split("_", 1)[0]
+    return Target.json(
+        f"{url}/bench/guarded",
+        {},
+        headers={"Authorization": f"Bearer {prefix}_{'A' * 43}"},
+        valid=lambda b: False,
+    )
+
+
+def _valid_row(run: dict, rate: float, cpu_s: float | None = None) -> dict[str, object]:
+    row: dict[str, object] = {
+        "rate": rate,
+        "latency_ms": run["latency_ms"],
+        "errors": run["errors"],
+        # The load generator's own lateness, part of latency_ms (it shares core 1 with Redis).
+        "send_lag_ms": run["send_lag_ms"],
+        # Per second of the run: whether a delay is spread or one burst (the flood's first hashes).
+        "p99_by_second_ms": [second["p99"] for second in run["by_second"]],
+    }
+    if cpu_s is not None:
+        row["worker_cpu_s"] = round(cpu_s, 3)
+    return row
+
+
 def measure_flood(
     proc: subprocess.Popen, url: str, key: str, count: int, flood_rate: float, valid_rate: float
 ) -> dict[str, object]:
-    """Valid load alone, then the same valid load under the flood, for the flood's duration each."""
+    """Valid load alone, the same valid load under the flood, and valid load alone again, for the
+    flood's duration each. The flood's CPU is the flooded run's over the first baseline's; its delay
+    to valid requests' p99 is taken against the better of the two baselines, so that a noisy
+    baseline (a shared machine, a young worker) can't hide one."""
     seconds = count / flood_rate
-    prefix = key.split("_", 1)[0]
     valid = Target.json(
         f"{url}/bench/guarded",
         {},
         headers={"Authorization": f"Bearer {key}"},
         valid=lambda b: b == {"ok": True},
     )
-    flood = Target.json(
-        f"{url}/bench/guarded",
-        {},
-        headers={"Authorization": f"Bearer {prefix}_{'A' * 43}"},
-        valid=lambda b: False,
-    )
+    flood = flood_target(url, key)
     asyncio.run(run_load(valid, rate=valid_rate, duration_s=2, timeout_s=10))  # warm-up
     cpu = worker_cpu_s(proc)
     baseline = asyncio.run(run_load(valid, rate=valid_rate, duration_s=seconds, timeout_s=10))
@@ -181,7 +211,12 @@ def measure_flood(
     cpu = worker_cpu_s(proc)
     under_flood, flooded = asyncio.run(_flood_and_valid(valid, flood, valid_rate, flood_rate, count, seconds))
     flood_cpu = worker_cpu_s(proc) - cpu - baseline_cpu
+    cpu = worker_cpu_s(proc)
+    after = asyncio.run(run_load(valid, rate=valid_rate, duration_s=seconds, timeout_s=10))
+    after_cpu = worker_cpu_s(proc) - cpu
     errors = flooded["errors"]
+    p99 = under_flood["latency_ms"]["p99"]
+    delays = [round(p99 - run["latency_ms"]["p99"], 2) for run in (baseline, after)]
     return {
         "flood": {
             "requests": flooded["sent"],
@@ -191,22 +226,49 @@ def measure_flood(
             "answers": errors,
             "hashes_computed": errors.get("http_401", 0),
             "refused_unhashed": errors.get("http_429", 0),
+            "answer_latency_ms": flooded["http_error_latency_ms"],
             "extra_worker_cpu_s": round(flood_cpu, 3),
             "share_of_one_core": round(flood_cpu / seconds, 4),
             "cpu_ms_per_flood_request": round(1000 * flood_cpu / max(1, flooded["sent"]), 3),
         },
-        "valid_alone": {
-            "rate": valid_rate,
-            "latency_ms": baseline["latency_ms"],
-            "errors": baseline["errors"],
-            "worker_cpu_s": round(baseline_cpu, 3),
-        },
-        "valid_under_flood": {
-            "rate": valid_rate,
-            "latency_ms": under_flood["latency_ms"],
-            "errors": under_flood["errors"],
-        },
-        "valid_p99_delay_ms": round(under_flood["latency_ms"]["p99"] - baseline["latency_ms"]["p99"], 2),
+        "valid_alone": _valid_row(baseline, valid_rate, baseline_cpu),
+        "valid_under_flood": _valid_row(under_flood, valid_rate),
+        "valid_alone_after": _valid_row(after, valid_rate, after_cpu),
+        "valid_p99_delay_ms": max(delays),
+        "valid_p99_delay_vs_each_baseline_ms": delays,
+    }
+
+
+def measure_floor(
+    proc: subprocess.Popen, url: str, key: str, count: int, flood_rate: float
+) -> dict[str, object]:
+    """The same flood at the floor app (bench/floor_app.py: gunicorn's gevent worker with the
+    gateway's gunicorn.conf.py, answering the same 429 without any of our code): what a request
+    costs this server before the application does anything. The worker's idle CPU over as long
+    (measured, ~0) is subtracted, as the valid baseline is from ours."""
+    seconds = count / flood_rate
+    flood = flood_target(url, key)
+    asyncio.run(run_load(flood, rate=flood_rate, duration_s=2, timeout_s=10, sources=FLOOD_SOURCES))
+    idle_s = min(10.0, seconds)
+    cpu = worker_cpu_s(proc)
+    time.sleep(idle_s)
+    idle_cpu = (worker_cpu_s(proc) - cpu) * seconds / idle_s
+    cpu = worker_cpu_s(proc)
+    flooded = asyncio.run(
+        run_load(flood, rate=flood_rate, count=count, duration_s=seconds, timeout_s=10, sources=FLOOD_SOURCES)
+    )
+    flood_cpu = worker_cpu_s(proc) - cpu - idle_cpu
+    return {
+        "app": "bench.floor_app:app",
+        "requests": flooded["sent"],
+        "rate": flood_rate,
+        "seconds": round(seconds, 1),
+        "answers": flooded["errors"],
+        "answer_latency_ms": flooded["http_error_latency_ms"],
+        "idle_worker_cpu_s": round(idle_cpu, 3),
+        "extra_worker_cpu_s": round(flood_cpu, 3),
+        "share_of_one_core": round(flood_cpu / seconds, 4),
+        "cpu_ms_per_flood_request": round(1000 * flood_cpu / max(1, flooded["sent"]), 3),
     }
 
 
@@ -257,12 +319,30 @@ def main() -> None:
         flood = measure_flood(proc, url, key, args.flood, args.flood_rate, args.valid_rate)
     finally:
         stop(proc)
+    proc, url = start(workdir, db_url, "30", app="bench.floor_app:app")
+    try:
+        floor = measure_floor(proc, url, key, args.flood, args.flood_rate)
+    finally:
+        stop(proc)
+    ours = flood["flood"]["cpu_ms_per_flood_request"]  # type: ignore[index]
+    flood["floor"] = floor
+    flood["ratio_to_floor"] = round(ours / floor["cpu_ms_per_flood_request"], 2)  # type: ignore[operator]
     if args.flood_only:
         results["flood"].update(flood)  # type: ignore[union-attr]
     else:
         results["flood"] = {"command": flood_command, **flood}
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print("flood", json.dumps(flood, indent=2, default=str))
+    print(
+        "flood cpu ms/request: ours",
+        flood["flood"]["cpu_ms_per_flood_request"],  # type: ignore[index]
+        "floor",
+        floor["cpu_ms_per_flood_request"],
+        "ratio",
+        flood["ratio_to_floor"],
+        "valid p99 delay ms",
+        flood["valid_p99_delay_ms"],
+    )
     for cache, _, _ in cases:
         row = results[cache]  # type: ignore[assignment]
         print(cache, "open", row["open"]["latency_ms"], row["open"].get("errors"))  # type: ignore[index]

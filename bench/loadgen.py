@@ -478,6 +478,10 @@ def _result(recorder: _Recorder, start: float, elapsed: float, target: Target) -
         "elapsed_s": round(elapsed, 3),
         "throughput_rps": round(len(ok) / elapsed, 2) if elapsed > 0 else 0.0,
         "latency_ms": summarize([o.done - o.intended for o in ok]),
+        # Answers that were HTTP errors (a 429 flood, a 503 refusal): how fast they came back.
+        "http_error_latency_ms": summarize(
+            [o.done - o.intended for o in outcomes if o.error and o.error.startswith("http_")]
+        ),
         "send_lag_ms": summarize(recorder.send_lag),
         "peak_in_flight": recorder.peak_in_flight,
         "by_second": _by_second(outcomes, start),

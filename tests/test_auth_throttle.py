@@ -137,3 +137,26 @@ def test_a_known_block_is_refused_in_front_of_the_app(client, hashes):
     # ...while the key from another address goes to the app, and is served.
     assert call(client, world.a_key, OWNER).status_code == 200
     assert dispatched == ["request"]
+
+
+def test_the_early_refusal_is_outside_the_admission_gate(client, monkeypatch):
+    """A known block is refused before the worker's admission gate (its slots, its gauges): a
+    flood never takes a valid request's place, and a full gate still answers the flood 429."""
+    from app.identity.auth_throttle import EarlyRefusal
+
+    app = client.application
+    assert isinstance(app.wsgi_app, EarlyRefusal)
+    world = seed(app)
+    forged = f"{world.a_prefix}_{FORGED_SECRET}"
+    for _ in range(6):
+        call(client, forged, ATTACKER)  # five 401s, then the app learns the block
+    gate = app.extensions["admission_gate"]
+    entered: list[str] = []
+    monkeypatch.setattr(gate, "enter", lambda: entered.append("enter") or "queue_full")
+    refused = call(client, forged, ATTACKER)
+    body = assert_error(refused, 429, "auth_failures_throttled")
+    assert entered == []
+    assert len(body["request_id"]) == 32 and refused.headers["X-Request-ID"] == body["request_id"]
+    # Everything else still goes through the gate (here: full, so 503).
+    assert call(client, world.a_key, OWNER).status_code == 503
+    assert entered == ["enter"]

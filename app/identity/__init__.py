@@ -28,7 +28,6 @@ def init_app(app: Flask) -> None:
     """Bound by `create_app` after the extensions: caches, the key hasher, JWT settings and blocklist,
     quota counters, CLI."""
     cache.init_app(app)
-    auth_throttle.init_app(app)
     apikeys.init_app(app)
     tokens.init_app(app)
     quota.init_app(app)

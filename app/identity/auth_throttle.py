@@ -42,11 +42,23 @@ refused without a Redis round trip or a wait.
 
 Even that refusal, made in Flask, costs a whole request: hooks, the error handler, metrics, the
 access log line (0.83 ms of CPU each, bench/auth_bench.py: a 250/s flood took 21% of a core). So
-`EarlyRefusal`, in front of the Flask app in WSGI, answers a request whose API key this worker
-already knows to be blocked (by its address, or its address on that prefix) with the same 429
-before Flask sees it; a key the worker has verified and cached still passes, as above. Those
-refusals are counted in `gateway_auth_throttled_early_total` and, to keep a flood from flooding
-the logs too, logged only as the block itself (one line when a bucket goes over its limit).
+`EarlyRefusal`, the outermost WSGI layer (outside the admission gate too: a flood takes none of
+its slots), answers a request whose API key this worker already knows to be blocked (by its
+address, or its address on that prefix) with the same 429 before anything else of ours runs; a
+key the worker has verified and cached still passes, as above. Those refusals are counted in
+`gateway_auth_throttled_early_total` and, to keep a flood from flooding the logs too, logged only
+as the block itself (one line when a bucket goes over its limit).
+
+What a flood costs then is the HTTP server's own work. Our part of an early refusal is about
+10 us of CPU in process (two dict lookups, the key's shape, a prebuilt body, the counter; it was
+27 us behind the admission gate). The worker spends 0.3-0.6 ms per flood request in all, and
+gunicorn's gevent worker with our gunicorn.conf.py spends as much answering the same 429 from a
+bare WSGI app (bench/floor_app.py, the `floor` row of `python -m bench.auth_bench --flood-only`):
+in three runs (commits 2f63559 and f53b39d, 2026-12-04, 10,000 bad secrets at 250/s, a quiet
+moment of this shared 2-core machine), ours 0.32-0.56 ms against the floor's 0.39-0.52 ms in the
+same run (0.81-1.08 times the floor), 8-14% of a core. That is the server's floor (a wakeup per
+request, reading and parsing it, the environ, the response), not the throttle's: under 5% of a
+core at 250/s would need 0.2 ms a request, less than gunicorn itself takes here.
 
 If the storage is unreachable, RATELIMIT_FAIL_OPEN decides, as for every other limit: true
 verifies as if no failures were counted, false answers 503 `rate_limit_unavailable`.
@@ -57,9 +69,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -217,6 +229,26 @@ def _storage_down(exc: RedisError) -> None:
     raise rate_limit_unavailable() from exc
 
 
+# The body of an early refusal, `% (retry_after, request_id)`: the app's own 429 (`_refusal`,
+# rendered by app/errors.py), built once rather than JSON-encoded per request.
+_EARLY_BODY = (
+    json.dumps(
+        {
+            "error": {
+                "message": _message(86_400_017),
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "auth_failures_throttled",
+            },
+            "request_id": "{request_id}",
+        }
+    )
+    .encode()
+    .replace(b"86400017", b"%d")
+    .replace(b"{request_id}", b"%s")
+)
+
+
 class EarlyRefusal:
     """WSGI middleware: the 429 of a block this worker already knows, before Flask is entered.
 
@@ -229,6 +261,7 @@ class EarlyRefusal:
 
     def __init__(self, app: Flask, wsgi_app: Callable[..., Iterable[bytes]]) -> None:
         from app.identity.apikeys import KEY_PREFIX, split_key  # apikeys imports this module
+        from app.observability import VALID_REQUEST_ID
 
         self.wsgi_app = wsgi_app
         self.key_prefix = "Bearer " + KEY_PREFIX
@@ -237,49 +270,46 @@ class EarlyRefusal:
             "auth_throttle_blocks", {}
         )
         self.cache = app.extensions["identity_cache"]
+        self.valid_request_id = VALID_REQUEST_ID
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if self.blocks:
-            until = self._blocked_until(environ)
-            if until is not None:
-                return self._refuse(environ, start_response, until)
+        if self.blocks:  # no block known (the usual case): one truth test, and on to the app
+            authorization: str = environ.get("HTTP_AUTHORIZATION", "")
+            if authorization.startswith(self.key_prefix):
+                until = self._blocked_until(environ, authorization)
+                if until is not None:
+                    return self._refuse(environ, start_response, until)
         return self.wsgi_app(environ, start_response)
 
-    def _blocked_until(self, environ: dict[str, Any]) -> float | None:
-        authorization: str = environ.get("HTTP_AUTHORIZATION", "")
-        if not authorization.startswith(self.key_prefix):
-            return None
+    def _blocked_until(self, environ: dict[str, Any], authorization: str) -> float | None:
+        """When the latest block on this request's buckets ends, or None (none, or a cached key)."""
+        blocks = self.blocks
+        address = environ.get("REMOTE_ADDR") or "unknown"
         presented = authorization[7:].strip()
+        now = time.time()
+        until = blocks.get(("address", address))
+        if until is not None and until <= now:
+            until = None
+        parts = self.split_key(presented)
+        if parts is not None:
+            pair = blocks.get(("pair", parts[0], address))
+            if pair is not None and pair > now and (until is None or pair > until):
+                until = pair
+        if until is None:
+            return None
         if self.cache.get(("key", hashlib.sha256(presented.encode()).digest())) is not None:
             return None  # verified and cached: served without a hash, never throttled
-        parts = self.split_key(presented)
-        address = environ.get("REMOTE_ADDR") or "unknown"
-        buckets: list[tuple[str, ...]] = [("address", address)]
-        if parts is not None:
-            buckets.append(("pair", parts[0], address))
-        now = time.time()
-        ends = [end for end in (self.blocks.get(b) for b in buckets) if end is not None and end > now]
-        return max(ends) if ends else None
+        return until
 
     def _refuse(
         self, environ: dict[str, Any], start_response: Callable[..., Any], until: float
     ) -> list[bytes]:
-        from app.observability import valid_request_id
-
         REFUSED_EARLY.inc()
         retry_after = max(1, math.ceil(until - time.time()))
-        rid = valid_request_id(environ.get("HTTP_X_REQUEST_ID")) or uuid.uuid4().hex
-        body = json.dumps(
-            {
-                "error": {
-                    "message": _message(retry_after),
-                    "type": "rate_limit_error",
-                    "param": None,
-                    "code": "auth_failures_throttled",
-                },
-                "request_id": rid,
-            }
-        ).encode()
+        supplied = environ.get("HTTP_X_REQUEST_ID")
+        rid = supplied if supplied and self.valid_request_id.match(supplied) else os.urandom(16).hex()
+        # The id is [A-Za-z0-9._:-] and the number digits: neither needs JSON escaping.
+        body = _EARLY_BODY % (retry_after, rid.encode())
         start_response(
             "429 TOO MANY REQUESTS",
             [
@@ -292,6 +322,7 @@ class EarlyRefusal:
         return [body]
 
 
-def init_app(app: Flask) -> None:
-    """Put `EarlyRefusal` in front of the app."""
+def install_early_refusal(app: Flask) -> None:
+    """Put `EarlyRefusal` in front of the app, outermost: called after every other middleware is
+    installed (the admission gate included), so a refusal costs none of them."""
     app.wsgi_app = EarlyRefusal(app, app.wsgi_app)  # type: ignore[method-assign]
