@@ -55,7 +55,8 @@ RETRY_MAX_S = 2.0
 JOURNAL_SCAN_S = 5.0
 # An optimistic append (`_append`) relinked this often before it locks the heads instead.
 APPEND_ATTEMPTS = 3
-# Rows per append statement: PostgreSQL takes at most 65,535 parameters in one (about 27 a row).
+# Rows per append statement: the rows travel as one JSON parameter, so this only bounds the size of
+# that document and of the transaction (a batch is AUDIT_BATCH_SIZE, 500 by default, below it).
 APPEND_MAX_ROWS = 1000
 # Bodies up to this size wait in the buffer for the flusher to hash them (a chat is a few KiB).
 HASH_LATER_MAX_BYTES = 64 * 1024
