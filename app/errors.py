@@ -194,10 +194,27 @@ def _store_unavailable(error: Exception) -> str | None:
     return None
 
 
+def _nul_in_input(error: Exception) -> bool:
+    """PostgreSQL's text can't hold U+0000, so a NUL a client sent (a name, a filter, a path as %00)
+    fails the statement that carries it: psycopg refuses to send it, or the server can't turn
+    JSON's \\u0000 into text (SQLSTATE 22P05). That is the client's input, not our bug. (SQLite
+    stores it; the audit trail replaces it on every database, see audit/records.py.)"""
+    from sqlalchemy.exc import DataError
+
+    if not isinstance(error, DataError):
+        return False
+    return "NUL (0x00)" in str(error.orig) or getattr(error.orig, "sqlstate", None) == "22P05"
+
+
 def handle_unexpected(error: Exception) -> Response:
-    """A bug: log the traceback, answer 500 without it. A store that is down: 503, retry."""
+    """A bug: log the traceback, answer 500 without it. A store that is down: 503, retry. A NUL
+    character that PostgreSQL can't store: 400, the client's to fix."""
     if isinstance(error, HTTPException):
         return handle_http_exception(error)
+    if _nul_in_input(error):
+        return APIError(
+            400, "Text fields can't contain the NUL character (U+0000).", code="nul_character"
+        ).response()
     store = _store_unavailable(error)
     if store is not None:
         log.warning(

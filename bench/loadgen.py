@@ -12,6 +12,11 @@ Why it is built this way:
 - SSE aware: time to first token and inter-token gaps come from the ``data:`` events as they arrive.
 - Errors are counted by kind (``connect``, ``timeout``, ``http_<status>``, ``truncated``,
   ``disconnect``, ``bad_response``, ``stream_error``, ``other:<Exception>``), never hidden.
+- Idle connections are dropped after ``IDLE_TIMEOUT_S``, below every server's keep-alive timeout
+  here (gunicorn's KEEPALIVE=5 s, uvicorn's 5 s, aiohttp's 75 s). A client that keeps a connection
+  longer than the server does sometimes sends on one the server is closing at that moment, and gets a
+  disconnect the server never saw a request for (RFC 9112 9.3.1's race; the openai SDK retries it,
+  this generator counts every failure): an artefact of the pair's settings, not of the server.
 - Many connections: the descriptor limit is raised to the hard limit, and above
   ``CONNECTIONS_PER_SOURCE`` connections are spread over several 127.0.0.x source addresses, since
   one (source, destination) pair only has ~28k ephemeral ports.
@@ -41,6 +46,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 CONNECTIONS_PER_SOURCE = 4000
+IDLE_TIMEOUT_S = 4.0  # below the servers' keep-alive timeouts (module docstring)
 MAX_SOURCES = 16
 DEFAULT_MESSAGES = [{"role": "user", "content": "Say hello to the benchmark in a few words."}]
 
@@ -308,7 +314,7 @@ def _sessions(url: str, connections: int, chosen: Sequence[str] | None = None) -
             connector=aiohttp.TCPConnector(
                 limit=per_session,
                 local_addr=(source, 0) if source else None,
-                keepalive_timeout=30,
+                keepalive_timeout=IDLE_TIMEOUT_S,
             ),
             auto_decompress=False,
         )

@@ -176,6 +176,55 @@ def test_every_inference_request_has_one_chained_record(app, client, world):
     assert verify(client, world.acme_key) == {"ok": True, "chains": 1, "records": 4, "broken": []}
 
 
+def test_a_nul_from_the_client_is_stored_as_a_replacement_character(app, client, world):
+    """PostgreSQL's text can't hold U+0000: a record carrying one from the request (a model name, a
+    path) would fail its batch forever, and with it every record buffered behind it. On both
+    databases the record lands, with U+FFFD in its place, its hash verifies, and the rest follow."""
+    responses = [
+        call(
+            client,
+            "POST",
+            "/v1/chat/completions",
+            world.acme_key,
+            json={"model": "no\u0000pe", "messages": [{"role": "user", "content": "a\u0000b"}]},
+        ),
+        call(client, "GET", "/v1/models/ab%00cd", world.acme_key),
+        call(client, "POST", "/v2/models/sentiment/infer", world.acme_key, json=INFER),
+    ]
+    assert [r.status_code for r in responses] == [404, 404, 200]
+    app.extensions["audit"].flush()
+    by_request = {r["request_id"]: r for r in records(app)}
+    assert sorted(by_request) == sorted(r.headers["X-Request-ID"] for r in responses)
+    assert by_request[responses[0].headers["X-Request-ID"]]["model"] == "no\ufffdpe"
+    assert by_request[responses[1].headers["X-Request-ID"]]["endpoint"] == "/v1/models/ab\ufffdcd"
+    assert not any("\x00" in str(value) for row in by_request.values() for value in row.values())
+    assert verify(client, world.admin) == {"ok": True, "chains": 1, "records": 3, "broken": []}
+
+
+@pytest.mark.parametrize("any_database_url", ["postgresql"], indirect=True)
+def test_a_nul_postgresql_cannot_store_is_the_clients_400_not_a_500(app, client, world):
+    """psycopg refuses to send U+0000 in text: a key named with one, or a filter carrying one, is
+    the client's mistake (400, our shape), stores nothing, and the next request is served."""
+    named = call(
+        client,
+        "POST",
+        "/v1/governance/keys",
+        world.admin,
+        json={"name": "a\u0000b", "scopes": ["models:read"]},
+    )
+    filtered = call(client, "GET", "/v1/governance/audit", world.admin, query_string={"model": "a\x00b"})
+    for resp in (named, filtered):
+        assert resp.status_code == 400, resp.get_json()
+        error = resp.get_json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "nul_character")
+    listed = call(client, "GET", "/v1/governance/keys", world.admin).get_json()["data"]
+    assert not any("\x00" in key["name"] for key in listed)
+    ok = call(
+        client, "POST", "/v1/governance/keys", world.admin, json={"name": "ab", "scopes": ["models:read"]}
+    )
+    assert ok.status_code == 201, ok.get_json()
+
+
 def test_fail_closed_when_the_buffer_is_full(app, client, world):
     writer: AuditWriter = app.extensions["audit"]
     writer.buffer_max = 0

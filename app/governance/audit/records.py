@@ -73,8 +73,25 @@ def chain_for(tenant_id: str | None) -> str:
     return tenant_id or PLATFORM_CHAIN
 
 
+def _without_nul(value: Any) -> Any:
+    """PostgreSQL's text can't hold U+0000 (nor can its JSON functions turn a \\u0000 into text),
+    and a client can put one in any string it sends (a message, a model name, a path as %00): stored
+    as is, it would fail its whole batch on PostgreSQL, forever, and with it every later record of
+    the buffer. So NULs become U+FFFD, the replacement character, before hashing, on every database
+    alike; input_sha256 and output_sha256 are taken before, over the content as it was, so what was
+    sent and answered stays provable."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
 def _clip(name: str, value: Any) -> Any:
     """A value too long for its column would fail its whole batch on PostgreSQL, forever."""
+    value = _without_nul(value)
     limit = _STRING_LIMITS.get(name)
     if limit is not None and isinstance(value, str) and len(value) > limit:
         return value[:limit]
