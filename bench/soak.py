@@ -296,7 +296,11 @@ def run(ctx: systems.RunContext, catalogue: Path, args: argparse.Namespace) -> d
     finally:
         system.cleanup()
     summary = {
-        name: {k: result[k] for k in ("sent", "ok", "error_count", "errors", "latency_ms", "throughput_rps")}
+        name: {
+            **{k: result[k] for k in ("sent", "ok", "error_count", "errors", "latency_ms", "throughput_rps")},
+            # When errors happened (seconds from the start of the load): start-up, a burst, or spread.
+            "error_seconds": {row["second"]: row["errors"] for row in result["by_second"] if row["errors"]},
+        }
         for name, result in loads.items()
     }
     judged = verdict(sampler.samples, args.warmup_minutes * 60, sampler.pids_seen)
