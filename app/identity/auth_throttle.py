@@ -54,11 +54,13 @@ What a flood costs then is the HTTP server's own work. Our part of an early refu
 27 us behind the admission gate). The worker spends 0.3-0.6 ms per flood request in all, and
 gunicorn's gevent worker with our gunicorn.conf.py spends as much answering the same 429 from a
 bare WSGI app (bench/floor_app.py, the `floor` row of `python -m bench.auth_bench --flood-only`):
-in three runs (commits 2f63559 and f53b39d, 2026-12-04, 10,000 bad secrets at 250/s, a quiet
-moment of this shared 2-core machine), ours 0.32-0.56 ms against the floor's 0.39-0.52 ms in the
-same run (0.81-1.08 times the floor), 8-14% of a core. That is the server's floor (a wakeup per
-request, reading and parsing it, the environ, the response), not the throttle's: under 5% of a
-core at 250/s would need 0.2 ms a request, less than gunicorn itself takes here.
+in four runs (commits 2f63559, f53b39d and 05b6091, 2026-12-04, 10,000 bad secrets at 250/s, a
+quiet moment of this shared 2-core machine), ours 0.32-0.56 ms against the floor's 0.39-0.52 ms in
+the same run (0.76-1.08 times the floor), 8-14% of a core; valid requests at 50/s beside the flood
+kept their p99 (+0.1 ms in the last run, the attacker a process of its own). That is the
+server's floor (a wakeup per request, reading and parsing it, the environ, the response), not the
+throttle's: under 5% of a core at 250/s would need 0.2 ms a request, less than gunicorn itself
+takes here.
 
 If the storage is unreachable, RATELIMIT_FAIL_OPEN decides, as for every other limit: true
 verifies as if no failures were counted, false answers 503 `rate_limit_unavailable`.
