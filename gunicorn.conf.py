@@ -92,10 +92,12 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Start loading models as soon as the worker (patched, app imported) is up, and the
-    greenlet sampler if WORKER_STATS_INTERVAL asks for it."""
-    from app import worker_stats
+    """Start loading models as soon as the worker (patched, app imported) is up, freeze the
+    imported heap out of the garbage collector's way (app/heap.py), and start the greenlet
+    sampler if WORKER_STATS_INTERVAL asks for it."""
+    from app import heap, worker_stats
 
+    heap.manage()
     models = getattr(worker.wsgi, "extensions", {}).get("models")
     if models is not None:
         models.start_loading()

@@ -23,6 +23,9 @@ except ConfigError as exc:
 if __name__ == "__main__":
     from gevent.pywsgi import WSGIServer
 
+    from app import heap
+
+    heap.manage()
     app.extensions["models"].start_loading()
     host, _, port = os.environ.get("BIND", "127.0.0.1:8000").rpartition(":")
     WSGIServer((host, int(port)), app).serve_forever()

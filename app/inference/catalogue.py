@@ -23,6 +23,7 @@ import yaml
 from flask import Flask, current_app
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import heap
 from app.errors import APIError
 from app.governance.registry import service as registry
 from app.governance.registry.service import Traffic, VersionRecord
@@ -163,6 +164,7 @@ class ModelCatalogue:
         if self.eager:
             for runtime in new:
                 runtime.load()
+            heap.settle()
         elif self._loading_started:
             self._load_in_background(new)
 
@@ -170,6 +172,7 @@ class ModelCatalogue:
         def load() -> None:
             for runtime in runtimes:
                 runtime.load()
+            heap.settle()
 
         threading.Thread(target=load, name="model-loader", daemon=True).start()
 
@@ -186,6 +189,7 @@ class ModelCatalogue:
             for runtime in list(self.runtimes.values()):
                 if runtime.state == "loading":
                     runtime.load()
+            heap.settle()
 
         threading.Thread(target=run, name="model-loader", daemon=True).start()
 
