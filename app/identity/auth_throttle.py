@@ -49,18 +49,17 @@ key the worker has verified and cached still passes, as above. Those refusals ar
 `gateway_auth_throttled_early_total` and, to keep a flood from flooding the logs too, logged only
 as the block itself (one line when a bucket goes over its limit).
 
-What a flood costs then is the HTTP server's own work. Our part of an early refusal is about
-10 us of CPU in process (two dict lookups, the key's shape, a prebuilt body, the counter; it was
-27 us behind the admission gate). The worker spends 0.3-0.6 ms per flood request in all, and
-gunicorn's gevent worker with our gunicorn.conf.py spends as much answering the same 429 from a
-bare WSGI app (bench/floor_app.py, the `floor` row of `python -m bench.auth_bench --flood-only`):
-in four runs (commits 2f63559, f53b39d and 05b6091, 2026-12-04, 10,000 bad secrets at 250/s, a
-quiet moment of this shared 2-core machine), ours 0.32-0.56 ms against the floor's 0.39-0.52 ms in
-the same run (0.76-1.08 times the floor), 8-14% of a core; valid requests at 50/s beside the flood
-kept their p99 (+0.1 ms in the last run, the attacker a process of its own). That is the
-server's floor (a wakeup per request, reading and parsing it, the environ, the response), not the
-throttle's: under 5% of a core at 250/s would need 0.2 ms a request, less than gunicorn itself
-takes here.
+That left the HTTP server's own work. Our part of an early refusal is about 10 us of CPU in
+process (two dict lookups, the key's shape, a prebuilt body, the counter; it was 27 us behind the
+admission gate), yet the worker spent 0.3-0.6 ms per flood request, as much as gunicorn's gevent
+worker spends answering the same 429 from a bare WSGI app (bench/floor_app.py, the `floor` row of
+`python -m bench.auth_bench --flood-only`): reading and parsing the request in Python, the environ,
+the response. So the gunicorn worker (gunicorn_worker.py) asks `EarlyRefusal.refusal` about each
+request of a new connection before gunicorn parses it, framing the head with httptools, and writes
+the 429 itself; and this layer's refusal closes its connection, so that a flooding client's next
+request arrives on a new one. With that, 10,000 bad secrets at 250/s from 8 addresses (2026-12-04)
+cost 0.175 ms a request, 4.4% of a core, against the floor's 0.355 ms in the same run, and valid
+requests at 50/s beside the flood kept their p99 (-0.03 ms).
 
 If the storage is unreachable, RATELIMIT_FAIL_OPEN decides, as for every other limit: true
 verifies as if no failures were counted, false answers 503 `rate_limit_unavailable`.
@@ -91,6 +90,9 @@ from app.extensions import limiter
 log = structlog.get_logger(__name__)
 
 NAMESPACE = "auth-failures"
+# Set in the WSGI environ by an early refusal: close the connection after this answer. The gunicorn
+# worker (gunicorn_worker.py, which must not import the app) spells the same key.
+CLOSE_CONNECTION = "gateway.close_connection"
 REFUSED_EARLY = Counter(
     "gateway_auth_throttled_early",
     "Requests refused 429 auth_failures_throttled in front of the app: a block this worker already knew.",
@@ -276,17 +278,51 @@ class EarlyRefusal:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if self.blocks:  # no block known (the usual case): one truth test, and on to the app
-            authorization: str = environ.get("HTTP_AUTHORIZATION", "")
-            if authorization.startswith(self.key_prefix):
-                until = self._blocked_until(environ, authorization)
-                if until is not None:
-                    return self._refuse(environ, start_response, until)
+            refused = self.refusal(
+                environ.get("REMOTE_ADDR") or "unknown",
+                environ.get("HTTP_AUTHORIZATION", ""),
+                environ.get("HTTP_X_REQUEST_ID"),
+            )
+            if refused is not None:
+                retry_after, rid, body = refused
+                # The client's next request comes on a new connection, which the gunicorn worker
+                # refuses before its HTTP parser (gunicorn_worker.py); gunicorn ignores a WSGI
+                # app's own Connection header, so the worker reads this key instead.
+                environ[CLOSE_CONNECTION] = True
+                start_response(
+                    "429 TOO MANY REQUESTS",
+                    [
+                        ("Content-Type", "application/json"),
+                        ("Content-Length", str(len(body))),
+                        ("Retry-After", str(retry_after)),
+                        ("X-Request-ID", rid),
+                    ],
+                )
+                return [body]
         return self.wsgi_app(environ, start_response)
 
-    def _blocked_until(self, environ: dict[str, Any], authorization: str) -> float | None:
+    def refusal(
+        self, address: str, authorization: str, supplied_id: str | None
+    ) -> tuple[int, str, bytes] | None:
+        """The early 429 for a request with this Authorization from this address, as (Retry-After
+        seconds, request id, JSON body), or None when it is not one to refuse here. Shared by the
+        WSGI layer above and the gunicorn worker's refusal before parsing."""
+        if not self.blocks or not authorization.startswith(self.key_prefix):
+            return None
+        until = self._blocked_until(address, authorization)
+        if until is None:
+            return None
+        REFUSED_EARLY.inc()
+        retry_after = max(1, math.ceil(until - time.time()))
+        rid = (
+            supplied_id if supplied_id and self.valid_request_id.match(supplied_id) else os.urandom(16).hex()
+        )
+        # The id is [A-Za-z0-9._:-] and the number digits: neither needs JSON escaping.
+        return retry_after, rid, _EARLY_BODY % (retry_after, rid.encode())
+
+    def _blocked_until(self, address: str, authorization: str) -> float | None:
         """When the latest block on this request's buckets ends, or None (none, or a cached key)."""
         blocks = self.blocks
-        address = environ.get("REMOTE_ADDR") or "unknown"
         presented = authorization[7:].strip()
         now = time.time()
         until = blocks.get(("address", address))
@@ -303,28 +339,11 @@ class EarlyRefusal:
             return None  # verified and cached: served without a hash, never throttled
         return until
 
-    def _refuse(
-        self, environ: dict[str, Any], start_response: Callable[..., Any], until: float
-    ) -> list[bytes]:
-        REFUSED_EARLY.inc()
-        retry_after = max(1, math.ceil(until - time.time()))
-        supplied = environ.get("HTTP_X_REQUEST_ID")
-        rid = supplied if supplied and self.valid_request_id.match(supplied) else os.urandom(16).hex()
-        # The id is [A-Za-z0-9._:-] and the number digits: neither needs JSON escaping.
-        body = _EARLY_BODY % (retry_after, rid.encode())
-        start_response(
-            "429 TOO MANY REQUESTS",
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Retry-After", str(retry_after)),
-                ("X-Request-ID", rid),
-            ],
-        )
-        return [body]
-
 
 def install_early_refusal(app: Flask) -> None:
     """Put `EarlyRefusal` in front of the app, outermost: called after every other middleware is
-    installed (the admission gate included), so a refusal costs none of them."""
-    app.wsgi_app = EarlyRefusal(app, app.wsgi_app)  # type: ignore[method-assign]
+    installed (the admission gate included), so a refusal costs none of them. It is also
+    `app.extensions["early_refusal"]`, where the gunicorn worker finds it."""
+    early = EarlyRefusal(app, app.wsgi_app)
+    app.extensions["early_refusal"] = early
+    app.wsgi_app = early  # type: ignore[method-assign]
