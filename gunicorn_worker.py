@@ -5,18 +5,20 @@ headers against `limit_request_line`, `limit_request_fields` and `limit_request_
 application sees the request, and answers with an HTML page. Clients of an OpenAI-compatible API parse
 JSON errors, so those answers (414 and 431) use the gateway's one error shape too.
 
-A flood from a blocked client is refused before gunicorn's HTTP parser. app/identity/auth_throttle.py
-refuses requests whose bearer key this worker knows to be blocked (`EarlyRefusal`), but even that
-refusal costs gunicorn's own per-request work: reading the request line and headers in Python, the
-environ, the response object, about 0.3-0.5 ms, so a 250/s flood took 8-14% of a core whatever the
-app did. So when the app knows of any block, a new connection's first request is peeked at (MSG_PEEK,
-nothing consumed) and its head framed by httptools (llhttp, in C). If EarlyRefusal would refuse it,
-the worker reads exactly that request's bytes and writes the same 429 itself, keeping the connection
-alive, and looks at the next request the same way. The first request it would not refuse (another
-key, a cached valid key, a chunked or large body, an `Expect`, a head split across packets, anything
-httptools rejects) and everything after it on that connection go to gunicorn untouched, from a
-request boundary. The WSGI-level refusal closes its connection (`gateway.close_connection` in the
-environ), so a flooding client's next request arrives on a new connection and meets this path.
+Refusals are made before gunicorn's HTTP parser. Two layers of the app refuse a request from its head
+alone: a bearer key this worker knows to be blocked (app/identity/auth_throttle.py, `EarlyRefusal`,
+429) and a full admission gate (app/admission.py, `GatedApp`, 503). Made in WSGI, even those refusals
+cost gunicorn's own per-request work: reading the request line and headers in Python, the environ,
+the response object, 0.3-0.5 ms, so a 250/s auth flood took 8-14% of a core and, at 3x the
+saturation rate, refusals took a third of the worker. So while either layer could refuse
+(`active()`), a new connection's request is peeked at (MSG_PEEK, nothing consumed) and its head
+framed by httptools (llhttp, in C). If a layer refuses it (`refuse_before_parsing`), the worker reads
+exactly that request's bytes, writes the same answer itself, keeps the connection alive and looks at
+the next request the same way. The first request no layer refuses, and any request this path does
+not frame (a chunked or large body, an `Expect`, a `HEAD`, a head split across packets, anything
+httptools rejects), goes with the rest of the connection to gunicorn untouched, from a request
+boundary. A refusal made in WSGI closes its connection (`gateway.close_connection` in the environ),
+so a refused client's next request comes on a new connection and meets this path.
 
 gunicorn imports the worker class in the master, before any fork, so this module imports only what
 gunicorn's gevent worker imports anyway (and httptools, a parser with no I/O), and never the app.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,14 +51,19 @@ LINGER_S = 1.0
 class _Head:
     """httptools callbacks for one request head: the few headers the refusal needs."""
 
-    __slots__ = ("authorization", "complete", "content_length", "refuse_here", "request_id")
+    __slots__ = ("authorization", "complete", "content_length", "path", "refuse_here", "request_id")
 
     def __init__(self) -> None:
+        self.path = ""
         self.authorization = ""
         self.request_id: str | None = None
         self.content_length = 0
         self.complete = False
         self.refuse_here = True  # cleared by anything this path leaves to gunicorn
+
+    def on_url(self, url: bytes) -> None:
+        # As gunicorn builds PATH_INFO, so a path compares the same here as in the app.
+        self.path = urllib.parse.unquote(httptools.parse_url(url).path.decode("latin-1"), "latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
@@ -77,7 +85,7 @@ class _Head:
 
 class _ClosingApp:
     """The WSGI app as gunicorn calls it, closing the connection when the app asked to: gunicorn
-    drops a WSGI app's own Connection header, so the early refusal sets CLOSE_CONNECTION instead."""
+    drops a WSGI app's own Connection header, so a refusal sets CLOSE_CONNECTION instead."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -95,15 +103,20 @@ class _ClosingApp:
 class GatewayGeventWorker(GeventWorker):
     def load_wsgi(self) -> None:
         super().load_wsgi()
-        self.early_refusal = getattr(self.wsgi, "extensions", {}).get("early_refusal")
-        if self.early_refusal is not None:
+        # The app's layers that can refuse a request from its head alone, outermost first.
+        self.refusers: list[Any] = getattr(self.wsgi, "extensions", {}).get("refusals_before_parsing", [])
+        if self.refusers:
             self.wsgi = _ClosingApp(self.wsgi)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
-        early = self.early_refusal
-        if early is not None and early.blocks and isinstance(addr, tuple) and not self.cfg.is_ssl:
+        if (
+            self.refusers
+            and isinstance(addr, tuple)
+            and not self.cfg.is_ssl
+            and any(refuser.active() for refuser in self.refusers)
+        ):
             try:
-                hand_over = self._refuse_blocked(client, addr[0], early)
+                hand_over = self._refuse_before_parsing(client, addr[0])
             except OSError:
                 hand_over = False
             if not hand_over:
@@ -111,10 +124,10 @@ class GatewayGeventWorker(GeventWorker):
                 return
         super().handle(listener, client, addr)
 
-    def _refuse_blocked(self, client: Any, address: str, early: Any) -> bool:
-        """Answer this connection's requests that EarlyRefusal refuses, one by one, from a request
-        boundary; True hands the connection (at the next unanswered request) to gunicorn, False
-        means it is finished."""
+    def _refuse_before_parsing(self, client: Any, address: str) -> bool:
+        """Answer this connection's requests that one of the app's refusers refuses, one by one,
+        from a request boundary; True hands the connection (at the next unanswered request) to
+        gunicorn, False means it is finished."""
         keepalive = self.cfg.keepalive
         while self.alive:
             data = None
@@ -138,12 +151,17 @@ class GatewayGeventWorker(GeventWorker):
                 return True
             if parser.get_method() == b"HEAD":
                 return True
-            refused = early.refusal(address, head.authorization, head.request_id)
+            path = head.path
+            refused = None
+            for refuser in self.refusers:
+                refused = refuser.refuse_before_parsing(address, path, head.authorization, head.request_id)
+                if refused is not None:
+                    break
             if refused is None:
                 return True
             _consume(client, end + 4 + head.content_length)
             keep_alive = bool(keepalive) and parser.should_keep_alive() and self.alive
-            client.sendall(_answer_429(*refused, keep_alive))
+            client.sendall(_answer(*refused, keep_alive))
             if not keep_alive:
                 _linger(client)
                 return False
@@ -192,13 +210,10 @@ def _consume(client: Any, count: int) -> None:
         count -= len(chunk)
 
 
-def _answer_429(retry_after: int, request_id: str, body: bytes, keep_alive: bool) -> bytes:
-    head = (
-        f"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nRetry-After: {retry_after}\r\nX-Request-ID: {request_id}\r\n"
-        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+def _answer(status: str, headers: list[tuple[str, str]], body: bytes, keep_alive: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status}", *(f"{name}: {value}" for name, value in headers)]
+    lines += [f"Content-Length: {len(body)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _linger(client: Any) -> None:

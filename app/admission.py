@@ -43,7 +43,9 @@ throughput, 8 slots gave healthz p99 228 ms and 4 gave 149 ms (bench/liveness.py
 
 from __future__ import annotations
 
+import collections
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -52,6 +54,10 @@ from flask import Flask, Response, request
 from prometheus_client import Counter, Gauge
 
 from app.observability import VALID_REQUEST_ID
+
+# Set in the WSGI environ by a refusal: close the connection after this answer. The gunicorn worker
+# (gunicorn_worker.py, which must not import the app) spells the same key.
+CLOSE_CONNECTION = "gateway.close_connection"
 
 F = TypeVar("F", bound=Callable[..., Any])
 GATEWAY_BLUEPRINTS = frozenset({"inference", "governance", "health"})
@@ -70,6 +76,16 @@ PENDING = Gauge(
     "gateway_admission_pending",
     "Requests waiting for a place in the worker gate.",
     multiprocess_mode="livesum",
+)
+LIMIT = Gauge(
+    "gateway_admission_limit",
+    "Requests the worker gate admits at once now: MAX_IN_FLIGHT, or less while the hub lags.",
+    multiprocess_mode="livesum",
+)
+HUB_LAG = Gauge(
+    "gateway_hub_lag_seconds",
+    "How late the worker's event loop last ran a timer (sampled every 10 ms when the adaptive limit is on).",
+    multiprocess_mode="livemax",
 )
 REJECTED = Counter(
     "gateway_admission_rejected_total",
@@ -109,61 +125,159 @@ def init_app(app: Flask) -> None:
 
 
 class AdmissionGate:
-    """At most `max_in_flight` requests at once, `max_pending` waiting up to `wait_s` each.
+    """At most `limit` requests at once, `max_pending` waiting up to `wait_s` each, first come first
+    served. `limit` is `max_in_flight` unless a `LagLimit` moves it (see below).
 
-    The primitives come from `threading`, so under gevent they are cooperative and elsewhere real.
+    Written with a counter and a queue of events rather than a semaphore because the limit moves:
+    a semaphore's count can't shrink while its permits are held. The primitives come from
+    `threading`, so under gevent they are cooperative and elsewhere real.
     """
 
     def __init__(self, max_in_flight: int, max_pending: int, wait_s: float) -> None:
         self.max_in_flight = max_in_flight
+        self.limit = max_in_flight
         self.max_pending = max_pending
         self.wait_s = wait_s
         self.in_flight = 0
-        self.pending = 0
-        self._slots = threading.Semaphore(max_in_flight)
+        self._waiting: collections.deque[threading.Event] = collections.deque()
         self._lock = threading.Lock()
+        LIMIT.inc(max_in_flight)
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting)
 
     def enter(self) -> str | None:
         """Take a place; None when admitted, else why not ("queue_full" or "wait_timeout")."""
-        if not self._slots.acquire(blocking=False):
-            with self._lock:
-                if self.pending >= self.max_pending:
-                    return "queue_full"
-                self.pending += 1
-            PENDING.inc()
-            try:
-                admitted = self._slots.acquire(timeout=self.wait_s)
-            finally:
-                with self._lock:
-                    self.pending -= 1
-                PENDING.dec()
-            if not admitted:
-                return "wait_timeout"
         with self._lock:
-            self.in_flight += 1
-        IN_FLIGHT.inc()
-        return None
+            if self.in_flight < self.limit and not self._waiting:
+                self.in_flight += 1
+                IN_FLIGHT.inc()
+                return None
+            if len(self._waiting) >= self.max_pending:
+                return "queue_full"
+            turn = threading.Event()
+            self._waiting.append(turn)
+        PENDING.inc()
+        try:
+            turn.wait(self.wait_s)
+        except BaseException:  # killed while waiting (a timeout, the worker stopping)
+            with self._lock:
+                if turn.is_set():
+                    self.in_flight -= 1  # a place was handed over; give it to the next one
+                    IN_FLIGHT.dec()
+                    self._admit_waiting()
+                else:
+                    self._waiting.remove(turn)
+            raise
+        finally:
+            PENDING.dec()
+        with self._lock:
+            if turn.is_set():  # handed a place by `_admit_waiting` (counted there)
+                return None
+            self._waiting.remove(turn)
+        return "wait_timeout"
 
     def leave(self) -> None:
         with self._lock:
             self.in_flight -= 1
-        IN_FLIGHT.dec()
-        self._slots.release()
+            IN_FLIGHT.dec()
+            self._admit_waiting()
+
+    def set_limit(self, limit: int) -> None:
+        with self._lock:
+            LIMIT.inc(limit - self.limit)
+            self.limit = limit
+            self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and self.in_flight < self.limit:
+            self.in_flight += 1
+            IN_FLIGHT.inc()
+            self._waiting.popleft().set()
+
+
+class LagLimit:
+    """The gate's limit, moved by how late the worker's hub runs (ADMISSION_LAG_TARGET_MS).
+
+    A gevent worker has one hub for all its requests. Past its CPU capacity every greenlet waits
+    its turn longer, so a fixed limit sized for requests that wait on slow models (hundreds) lets
+    an overload through: each request, every refusal and every /healthz answer is as late as the
+    hub, which grew to seconds at 3x the saturation rate (bench/results/check-2026-12-04/). The
+    hub's lateness is measured directly: a greenlet sleeps SAMPLE_S and notes how much later
+    than asked it woke up, the same signal gevent's own monitor thread uses for blocking. Above
+    the target the limit is cut by a quarter (at most once per COOLDOWN_S, the time admitted work
+    needs to drain before a cut shows); below half the target, while the limit is what holds
+    requests back, it grows by a twentieth: additive increase, multiplicative decrease, as in TCP
+    and in Envoy's and Netflix's adaptive concurrency limits. It never leaves
+    [MIN_LIMIT, MAX_IN_FLIGHT]. Hand-written because those are proxies' filters, not Python
+    libraries; the controller is the dozen lines of `observe`.
+    """
+
+    SAMPLE_S = 0.01
+    COOLDOWN_S = 0.1
+    MIN_LIMIT = 4
+
+    def __init__(self, gate: AdmissionGate, target_s: float) -> None:
+        self.gate = gate
+        self.target_s = target_s
+        self._last_cut = float("-inf")
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start sampling, once, from the first gated request (the serving process, after any fork)."""
+        with self._start_lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._sample, name="admission-lag", daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            asked = time.perf_counter()
+            time.sleep(self.SAMPLE_S)
+            woke = time.perf_counter()
+            self.observe(max(0.0, woke - asked - self.SAMPLE_S), woke)
+
+    def observe(self, lag_s: float, now: float) -> None:
+        """One lateness sample: cut, grow or keep the gate's limit."""
+        HUB_LAG.set(lag_s)
+        gate = self.gate
+        limit = gate.limit
+        if lag_s > self.target_s:
+            if now - self._last_cut >= self.COOLDOWN_S and limit > self.MIN_LIMIT:
+                self._last_cut = now
+                gate.set_limit(max(self.MIN_LIMIT, limit * 3 // 4))
+        elif (
+            lag_s < self.target_s / 2
+            and limit < gate.max_in_flight
+            and (gate.in_flight >= limit or gate.pending)  # the limit, not the load, is what binds
+        ):
+            gate.set_limit(min(gate.max_in_flight, limit + max(1, limit // 20)))
 
 
 class GatedApp:
     """WSGI middleware: the gate in front of the whole Flask app, probes excepted."""
 
-    def __init__(self, wsgi_app: Callable[..., Iterable[bytes]], gate: AdmissionGate, prefix: str) -> None:
+    def __init__(
+        self,
+        wsgi_app: Callable[..., Iterable[bytes]],
+        gate: AdmissionGate,
+        prefix: str,
+        lag_limit: LagLimit | None = None,
+    ) -> None:
         self.wsgi_app = wsgi_app
         self.gate = gate
+        self.lag_limit = lag_limit
         self.prefix = prefix
         self.ungated = frozenset(prefix + path for path in UNGATED_PATHS)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path in self.ungated or (self.prefix and not (path + "/").startswith(self.prefix + "/")):
+        if not self._gated(environ.get("PATH_INFO", "")):
             return self.wsgi_app(environ, start_response)  # a probe, or a host app's own route
+        if self.lag_limit is not None:
+            self.lag_limit.start()
         refused = self.gate.enter()
         if refused is not None:
             return _overloaded(environ, start_response, refused)
@@ -172,13 +286,33 @@ class GatedApp:
         finally:
             self.gate.leave()
 
+    def _gated(self, path: str) -> bool:
+        return path not in self.ungated and (not self.prefix or (path + "/").startswith(self.prefix + "/"))
+
+    def active(self) -> bool:
+        """Whether the gate is full now (the gunicorn worker asks once per new connection)."""
+        gate = self.gate
+        return gate.in_flight >= gate.limit and gate.pending >= gate.max_pending
+
+    def refuse_before_parsing(
+        self, address: str, path: str, authorization: str, supplied_id: str | None
+    ) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        """For the gunicorn worker, before gunicorn parses the request: the 503 this gate would
+        answer at once (full, and no place to wait), or None. A refusal made there costs about a
+        third of one made here after gunicorn's parsing, and at 3x the saturation rate refusals
+        are two requests in three (bench/results, overload)."""
+        if not self.active() or not self._gated(path):
+            return None
+        status, request_id, body = _overloaded_answer("queue_full", supplied_id)
+        headers = [("Content-Type", "application/json"), ("Retry-After", "1"), ("X-Request-ID", request_id)]
+        return status, headers, body
+
 
 def _overloaded(environ: dict[str, Any], start_response: Callable[..., Any], reason: str) -> list[bytes]:
-    REJECTED.labels(reason=reason).inc()
-    supplied = environ.get("HTTP_X_REQUEST_ID")
-    # The ids observability.py accepts; anything else gets a fresh one, so it can't break the JSON.
-    request_id = supplied if supplied and VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
-    body = _OVERLOADED_BODY % request_id.encode()
+    _, request_id, body = _overloaded_answer(reason, environ.get("HTTP_X_REQUEST_ID"))
+    # The client's next request comes on a new connection, which the gunicorn worker can refuse
+    # before its HTTP parser while the gate stays full (see GatedApp.refuse_before_parsing).
+    environ[CLOSE_CONNECTION] = True
     start_response(
         "503 SERVICE UNAVAILABLE",
         [
@@ -191,6 +325,13 @@ def _overloaded(environ: dict[str, Any], start_response: Callable[..., Any], rea
     return [body]
 
 
+def _overloaded_answer(reason: str, supplied: str | None) -> tuple[str, str, bytes]:
+    REJECTED.labels(reason=reason).inc()
+    # The ids observability.py accepts; anything else gets a fresh one, so it can't break the JSON.
+    request_id = supplied if supplied and VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    return "503 Service Unavailable", request_id, _OVERLOADED_BODY % request_id.encode()
+
+
 def install_gate(app: Flask) -> None:
     """Wrap the app's WSGI callable outside every other middleware (tracing's included), so a
     refused request costs none of them; only the auth throttle's early refusal is outside it (it
@@ -201,4 +342,10 @@ def install_gate(app: Flask) -> None:
         float(app.config["MAX_PENDING_WAIT_S"]),
     )
     app.extensions["admission_gate"] = gate
-    app.wsgi_app = GatedApp(app.wsgi_app, gate, str(app.config.get("GATEWAY_URL_PREFIX") or ""))  # type: ignore[method-assign]
+    target_ms = float(app.config.get("ADMISSION_LAG_TARGET_MS") or 0)
+    lag_limit = LagLimit(gate, target_ms / 1000) if target_ms > 0 else None
+    app.extensions["admission_lag_limit"] = lag_limit
+    prefix = str(app.config.get("GATEWAY_URL_PREFIX") or "")
+    gated = GatedApp(app.wsgi_app, gate, prefix, lag_limit)
+    app.extensions.setdefault("refusals_before_parsing", []).append(gated)
+    app.wsgi_app = gated  # type: ignore[method-assign]

@@ -121,6 +121,9 @@ class BaseConfig:
     MAX_IN_FLIGHT: int | None = None
     MAX_PENDING: int | None = None
     MAX_PENDING_WAIT_S = 2.0
+    # The gate's adaptive limit (app/admission.py, LagLimit): past this hub lateness the worker
+    # admits fewer requests at once. 0 turns it off (a fixed MAX_IN_FLIGHT).
+    ADMISSION_LAG_TARGET_MS = 0.0
     DB_MAX_CONNECTIONS = 20
     LOG_FORMAT = "json"
     LOG_LEVEL = "INFO"
@@ -214,6 +217,9 @@ class BaseConfig:
         cfg["MAX_PENDING_WAIT_S"] = _float(env, "MAX_PENDING_WAIT", cls.MAX_PENDING_WAIT_S)
         if float(cfg["MAX_PENDING_WAIT_S"]) < 0:  # type: ignore[arg-type]
             raise ConfigError("MAX_PENDING_WAIT", "must be >= 0 seconds")
+        cfg["ADMISSION_LAG_TARGET_MS"] = _float(env, "ADMISSION_LAG_TARGET_MS", cls.ADMISSION_LAG_TARGET_MS)
+        if float(cfg["ADMISSION_LAG_TARGET_MS"]) < 0:  # type: ignore[arg-type]
+            raise ConfigError("ADMISSION_LAG_TARGET_MS", "must be >= 0 milliseconds (0 turns it off)")
         cfg["DB_MAX_CONNECTIONS"] = _int(env, "DB_MAX_CONNECTIONS", cls.DB_MAX_CONNECTIONS, 1)
         cfg["TRACING_ENABLED"], cfg["OTEL_TRACES_EXPORTER"] = _tracing(env)
         cfg["LOG_FORMAT"] = env.get("LOG_FORMAT") or cls.LOG_FORMAT

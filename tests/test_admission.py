@@ -275,3 +275,67 @@ def wait_until(condition, timeout_s: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the condition never held"
         time.sleep(0.05)
+
+
+def test_the_lag_limit_cuts_under_lag_and_grows_back_only_while_it_binds():
+    """LagLimit's controller, sample by sample (`observe` is what the sampling greenlet calls)."""
+    gate = admission.AdmissionGate(max_in_flight=100, max_pending=0, wait_s=0)
+    control = admission.LagLimit(gate, target_s=0.020)
+    control.observe(0.050, now=10.0)
+    assert gate.limit == 75, "a lag over the target cuts the limit by a quarter"
+    control.observe(0.050, now=10.05)
+    assert gate.limit == 75, "no second cut before the first has had COOLDOWN_S to show"
+    for step in range(1, 20):
+        control.observe(0.500, now=10.0 + step * control.COOLDOWN_S)
+    assert gate.limit == control.MIN_LIMIT, "never below MIN_LIMIT"
+    control.observe(0.001, now=20.0)
+    assert gate.limit == control.MIN_LIMIT, "no growth while the limit is not what holds requests back"
+    for _ in range(gate.limit):
+        assert gate.enter() is None
+    assert gate.enter() == "queue_full"
+    control.observe(0.015, now=20.01)
+    assert gate.limit == control.MIN_LIMIT, "no growth between half the target and the target"
+    for _ in range(200):
+        control.observe(0.001, now=20.02)
+        while gate.in_flight < gate.limit:
+            assert gate.enter() is None
+    assert gate.limit == gate.max_in_flight == 100, "grows back, never above MAX_IN_FLIGHT"
+    while gate.in_flight:
+        gate.leave()
+
+
+def test_a_lower_limit_holds_new_requests_and_a_higher_one_admits_those_waiting():
+    gate = admission.AdmissionGate(max_in_flight=4, max_pending=2, wait_s=30)
+    for _ in range(3):
+        assert gate.enter() is None
+    gate.set_limit(2)  # three in flight over a limit of two: none is cut, new ones wait
+    outcomes: list[str | None] = []
+    waiters = [threading.Thread(target=lambda: outcomes.append(gate.enter())) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    deadline = time.monotonic() + 30
+    while gate.pending != 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert gate.enter() == "queue_full"
+    gate.leave()
+    assert (gate.in_flight, gate.pending) == (2, 2), "down to the limit of two: still no room"
+    gate.leave()
+    assert (gate.in_flight, gate.pending) == (2, 1), "one below it: the first in line is admitted"
+    gate.set_limit(3)
+    for waiter in waiters:
+        waiter.join(30)
+    assert outcomes == [None, None] and (gate.in_flight, gate.pending) == (3, 0)
+    for _ in range(3):
+        gate.leave()
+    assert gate.in_flight == 0
+
+
+def test_the_lag_limit_is_off_unless_a_target_is_set(app, tmp_path, sqlite_url, monkeypatch):
+    assert app.extensions["admission_lag_limit"] is None
+    from app import create_app
+
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    tuned = create_app({"INSTANCE_PATH": str(tmp_path), "ADMISSION_LAG_TARGET_MS": 20})
+    control = tuned.extensions["admission_lag_limit"]
+    assert control.target_s == 0.020 and control.gate is tuned.extensions["admission_gate"]

@@ -84,15 +84,13 @@ from limits import RateLimitItem, parse
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
+from app.admission import CLOSE_CONNECTION
 from app.errors import APIError, rate_limit_unavailable
 from app.extensions import limiter
 
 log = structlog.get_logger(__name__)
 
 NAMESPACE = "auth-failures"
-# Set in the WSGI environ by an early refusal: close the connection after this answer. The gunicorn
-# worker (gunicorn_worker.py, which must not import the app) spells the same key.
-CLOSE_CONNECTION = "gateway.close_connection"
 REFUSED_EARLY = Counter(
     "gateway_auth_throttled_early",
     "Requests refused 429 auth_failures_throttled in front of the app: a block this worker already knew.",
@@ -301,6 +299,22 @@ class EarlyRefusal:
                 return [body]
         return self.wsgi_app(environ, start_response)
 
+    def active(self) -> bool:
+        """Whether any request could be refused now (the gunicorn worker asks per connection)."""
+        return bool(self.blocks)
+
+    def refuse_before_parsing(
+        self, address: str, path: str, authorization: str, supplied_id: str | None
+    ) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        """This refusal for the gunicorn worker, which writes it before gunicorn parses the request:
+        (status, headers, body), or None. Any path: a flood of one blocked key is refused on all."""
+        refused = self.refusal(address, authorization, supplied_id)
+        if refused is None:
+            return None
+        retry_after, rid, body = refused
+        headers = [("Content-Type", "application/json"), ("Retry-After", str(retry_after))]
+        return "429 Too Many Requests", [*headers, ("X-Request-ID", rid)], body
+
     def refusal(
         self, address: str, authorization: str, supplied_id: str | None
     ) -> tuple[int, str, bytes] | None:
@@ -342,8 +356,8 @@ class EarlyRefusal:
 
 def install_early_refusal(app: Flask) -> None:
     """Put `EarlyRefusal` in front of the app, outermost: called after every other middleware is
-    installed (the admission gate included), so a refusal costs none of them. It is also
-    `app.extensions["early_refusal"]`, where the gunicorn worker finds it."""
+    installed (the admission gate included), so a refusal costs none of them. It is also first in
+    `app.extensions["refusals_before_parsing"]`, where the gunicorn worker finds it."""
     early = EarlyRefusal(app, app.wsgi_app)
-    app.extensions["early_refusal"] = early
+    app.extensions.setdefault("refusals_before_parsing", []).insert(0, early)
     app.wsgi_app = early  # type: ignore[method-assign]
