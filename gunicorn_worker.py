@@ -38,7 +38,7 @@ from gunicorn import util
 from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
 from gunicorn.workers.ggevent import GeventWorker
 
-# The environ key app/identity/auth_throttle.py sets to ask for the connection to be closed.
+# The environ key a refusal in the app sets (app/admission.py) to ask for the connection to be closed.
 CLOSE_CONNECTION = "gateway.close_connection"
 # A head longer than this, or a body over MAX_REFUSED_BODY, goes to gunicorn (which bounds both).
 PEEK_BYTES = 16_384
@@ -151,10 +151,11 @@ class GatewayGeventWorker(GeventWorker):
                 return True
             if parser.get_method() == b"HEAD":
                 return True
-            path = head.path
             refused = None
             for refuser in self.refusers:
-                refused = refuser.refuse_before_parsing(address, path, head.authorization, head.request_id)
+                refused = refuser.refuse_before_parsing(
+                    address, head.path, head.authorization, head.request_id
+                )
                 if refused is not None:
                     break
             if refused is None:

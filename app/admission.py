@@ -227,6 +227,8 @@ class LagLimit:
 
     def start(self) -> None:
         """Start sampling, once, from the first gated request (the serving process, after any fork)."""
+        if self._started:  # every gated request asks: no lock once started
+            return
         with self._start_lock:
             if self._started:
                 return
@@ -303,33 +305,25 @@ class GatedApp:
         are two requests in three (bench/results, overload)."""
         if not self.active() or not self._gated(path):
             return None
-        status, request_id, body = _overloaded_answer("queue_full", supplied_id)
-        headers = [("Content-Type", "application/json"), ("Retry-After", "1"), ("X-Request-ID", request_id)]
-        return status, headers, body
+        return _overloaded_answer("queue_full", supplied_id)
 
 
 def _overloaded(environ: dict[str, Any], start_response: Callable[..., Any], reason: str) -> list[bytes]:
-    _, request_id, body = _overloaded_answer(reason, environ.get("HTTP_X_REQUEST_ID"))
+    status, headers, body = _overloaded_answer(reason, environ.get("HTTP_X_REQUEST_ID"))
     # The client's next request comes on a new connection, which the gunicorn worker can refuse
     # before its HTTP parser while the gate stays full (see GatedApp.refuse_before_parsing).
     environ[CLOSE_CONNECTION] = True
-    start_response(
-        "503 SERVICE UNAVAILABLE",
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Retry-After", "1"),
-            ("X-Request-ID", request_id),
-        ],
-    )
+    start_response(status, [*headers, ("Content-Length", str(len(body)))])
     return [body]
 
 
-def _overloaded_answer(reason: str, supplied: str | None) -> tuple[str, str, bytes]:
+def _overloaded_answer(reason: str, supplied: str | None) -> tuple[str, list[tuple[str, str]], bytes]:
+    """(status, headers without Content-Length, body) of a 503 `server_overloaded`, counted."""
     REJECTED.labels(reason=reason).inc()
     # The ids observability.py accepts; anything else gets a fresh one, so it can't break the JSON.
     request_id = supplied if supplied and VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
-    return "503 Service Unavailable", request_id, _OVERLOADED_BODY % request_id.encode()
+    headers = [("Content-Type", "application/json"), ("Retry-After", "1"), ("X-Request-ID", request_id)]
+    return "503 Service Unavailable", headers, _OVERLOADED_BODY % request_id.encode()
 
 
 def install_gate(app: Flask) -> None:

@@ -54,7 +54,7 @@ process (two dict lookups, the key's shape, a prebuilt body, the counter; it was
 admission gate), yet the worker spent 0.3-0.6 ms per flood request, as much as gunicorn's gevent
 worker spends answering the same 429 from a bare WSGI app (bench/floor_app.py, the `floor` row of
 `python -m bench.auth_bench --flood-only`): reading and parsing the request in Python, the environ,
-the response. So the gunicorn worker (gunicorn_worker.py) asks `EarlyRefusal.refusal` about each
+the response. So the gunicorn worker (gunicorn_worker.py) asks `EarlyRefusal.refuse_before_parsing` about each
 request of a new connection before gunicorn parses it, framing the head with httptools, and writes
 the 429 itself; and this layer's refusal closes its connection, so that a flooding client's next
 request arrives on a new one. With that, 10,000 bad secrets at 250/s from 8 addresses (2026-12-04)
@@ -276,26 +276,19 @@ class EarlyRefusal:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if self.blocks:  # no block known (the usual case): one truth test, and on to the app
-            refused = self.refusal(
+            refused = self.refuse_before_parsing(
                 environ.get("REMOTE_ADDR") or "unknown",
+                environ.get("PATH_INFO", ""),
                 environ.get("HTTP_AUTHORIZATION", ""),
                 environ.get("HTTP_X_REQUEST_ID"),
             )
             if refused is not None:
-                retry_after, rid, body = refused
+                status, headers, body = refused
                 # The client's next request comes on a new connection, which the gunicorn worker
                 # refuses before its HTTP parser (gunicorn_worker.py); gunicorn ignores a WSGI
                 # app's own Connection header, so the worker reads this key instead.
                 environ[CLOSE_CONNECTION] = True
-                start_response(
-                    "429 TOO MANY REQUESTS",
-                    [
-                        ("Content-Type", "application/json"),
-                        ("Content-Length", str(len(body))),
-                        ("Retry-After", str(retry_after)),
-                        ("X-Request-ID", rid),
-                    ],
-                )
+                start_response(status, [*headers, ("Content-Length", str(len(body)))])
                 return [body]
         return self.wsgi_app(environ, start_response)
 
@@ -306,21 +299,10 @@ class EarlyRefusal:
     def refuse_before_parsing(
         self, address: str, path: str, authorization: str, supplied_id: str | None
     ) -> tuple[str, list[tuple[str, str]], bytes] | None:
-        """This refusal for the gunicorn worker, which writes it before gunicorn parses the request:
-        (status, headers, body), or None. Any path: a flood of one blocked key is refused on all."""
-        refused = self.refusal(address, authorization, supplied_id)
-        if refused is None:
-            return None
-        retry_after, rid, body = refused
-        headers = [("Content-Type", "application/json"), ("Retry-After", str(retry_after))]
-        return "429 Too Many Requests", [*headers, ("X-Request-ID", rid)], body
-
-    def refusal(
-        self, address: str, authorization: str, supplied_id: str | None
-    ) -> tuple[int, str, bytes] | None:
-        """The early 429 for a request with this Authorization from this address, as (Retry-After
-        seconds, request id, JSON body), or None when it is not one to refuse here. Shared by the
-        WSGI layer above and the gunicorn worker's refusal before parsing."""
+        """The early 429 for a request with this Authorization from this address, as (status,
+        headers without Content-Length, JSON body), or None when it is not one to refuse here. Any
+        path: a flood of one blocked key is refused on all. Asked by the WSGI layer above and by
+        the gunicorn worker, which writes the answer before gunicorn parses the request."""
         if not self.blocks or not authorization.startswith(self.key_prefix):
             return None
         until = self._blocked_until(address, authorization)
@@ -331,8 +313,13 @@ class EarlyRefusal:
         rid = (
             supplied_id if supplied_id and self.valid_request_id.match(supplied_id) else os.urandom(16).hex()
         )
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Retry-After", str(retry_after)),
+            ("X-Request-ID", rid),
+        ]
         # The id is [A-Za-z0-9._:-] and the number digits: neither needs JSON escaping.
-        return retry_after, rid, _EARLY_BODY % (retry_after, rid.encode())
+        return "429 Too Many Requests", headers, _EARLY_BODY % (retry_after, rid.encode())
 
     def _blocked_until(self, address: str, authorization: str) -> float | None:
         """When the latest block on this request's buckets ends, or None (none, or a cached key)."""
